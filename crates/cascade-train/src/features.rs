@@ -1,0 +1,188 @@
+//! Turns a [`Dataset`] plus a set of training interactions into model inputs
+//! and the vocabularies the server needs to rebuild them.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use cascade_data::{Dataset, Interaction};
+use cascade_model::nn::{FeatureDims, ItemInputs, UserInputs};
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// Everything needed to featurise users and items, stored as `features.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FeatureSpace {
+    pub dims: FeatureDims,
+    pub genres: Vec<String>,
+    /// Per user column: its name and value vocabulary (index 0 is "missing").
+    pub user_columns: Vec<(String, Vec<String>)>,
+    /// Decade buckets: bucket 0 = unknown year, bucket b = decade `first_decade + 10*(b-1)`.
+    pub first_decade: i32,
+    pub item_ids: Vec<String>,
+    pub user_ids: Vec<String>,
+    /// Per user: indices into the shared categorical table.
+    pub user_cats: Vec<Vec<u32>>,
+    /// Per user: most recent training items, newest first (at most `history_len`).
+    pub user_history: Vec<Vec<u32>>,
+    /// Training interaction count per item (popularity).
+    pub item_popularity: Vec<u32>,
+    pub global_mean_rating: f32,
+}
+
+impl FeatureSpace {
+    pub fn build(ds: &Dataset, train: &[usize], text_dim: usize, history_len: usize) -> Self {
+        let mut genre_set: BTreeMap<&str, ()> = BTreeMap::new();
+        for it in &ds.items {
+            for g in &it.genres {
+                genre_set.insert(g, ());
+            }
+        }
+        let genres: Vec<String> = genre_set.keys().map(|s| s.to_string()).collect();
+        let years: Vec<i32> = ds.items.iter().filter_map(|i| i.year).collect();
+        let first_decade = years.iter().min().map(|y| y.div_euclid(10) * 10).unwrap_or(0);
+        let last_decade = years.iter().max().map(|y| y.div_euclid(10) * 10).unwrap_or(0);
+        let num_year_buckets = if years.is_empty() { 1 } else { ((last_decade - first_decade) / 10 + 2) as usize };
+
+        let mut user_columns = Vec::new();
+        for (c, name) in ds.user_feature_names.iter().enumerate() {
+            let mut vals: Vec<String> = ds.users.iter().map(|u| u.features[c].clone()).filter(|v| !v.is_empty()).collect();
+            vals.sort();
+            vals.dedup();
+            let mut vocab = vec![String::new()];
+            vocab.extend(vals);
+            user_columns.push((name.clone(), vocab));
+        }
+        let user_cat_vocab: Vec<usize> = user_columns.iter().map(|(_, v)| v.len()).collect();
+        let mut user_cats = Vec::with_capacity(ds.users.len());
+        for u in &ds.users {
+            let mut offset = 0u32;
+            let mut row = Vec::with_capacity(user_columns.len());
+            for (c, (_, vocab)) in user_columns.iter().enumerate() {
+                let ix = vocab.binary_search(&u.features[c]).ok().filter(|_| !u.features[c].is_empty()).unwrap_or(0);
+                row.push(offset + ix as u32);
+                offset += vocab.len() as u32;
+            }
+            user_cats.push(row);
+        }
+
+        let mut per_user: Vec<Vec<&Interaction>> = vec![Vec::new(); ds.users.len()];
+        let mut item_popularity = vec![0u32; ds.items.len()];
+        let mut sum = 0.0f64;
+        for &i in train {
+            let x = &ds.interactions[i];
+            per_user[x.user as usize].push(x);
+            item_popularity[x.item as usize] += 1;
+            sum += x.rating as f64;
+        }
+        let user_history = per_user
+            .into_iter()
+            .map(|mut xs| {
+                xs.sort_by(|a, b| b.timestamp.cmp(&a.timestamp).then(a.item.cmp(&b.item)));
+                xs.into_iter().take(history_len).map(|x| x.item).collect()
+            })
+            .collect();
+        Self {
+            dims: FeatureDims {
+                num_users: ds.users.len(),
+                num_items: ds.items.len(),
+                user_cat_vocab,
+                num_genres: genres.len(),
+                num_year_buckets,
+                text_dim,
+                history_len,
+            },
+            genres,
+            user_columns,
+            first_decade,
+            item_ids: ds.items.iter().map(|i| i.id.clone()).collect(),
+            user_ids: ds.users.iter().map(|u| u.id.clone()).collect(),
+            user_cats,
+            user_history,
+            item_popularity,
+            global_mean_rating: if train.is_empty() { 0.0 } else { (sum / train.len() as f64) as f32 },
+        }
+    }
+
+    pub fn year_bucket(&self, year: Option<i32>) -> u32 {
+        match year {
+            Some(y) => {
+                let b = (y.div_euclid(10) * 10 - self.first_decade) / 10 + 1;
+                b.clamp(0, self.dims.num_year_buckets as i32 - 1) as u32
+            }
+            None => 0,
+        }
+    }
+}
+
+/// All items' inputs resident as tensors, plus all users' inputs for batching.
+pub struct Tables {
+    pub items: ItemInputs,
+    pub user_ids: Tensor,
+    pub user_cats: Option<Tensor>,
+    pub user_hist: Tensor,
+    pub user_hist_w: Tensor,
+}
+
+impl Tables {
+    pub fn build(space: &FeatureSpace, ds: &Dataset, text: &[Vec<f32>], dev: &Device) -> Result<Self, TrainError> {
+        let n = ds.items.len();
+        let g = space.dims.num_genres.max(1);
+        let mut genres = vec![0f32; n * g];
+        for (i, it) in ds.items.iter().enumerate() {
+            let idx: Vec<usize> = it.genres.iter().filter_map(|x| space.genres.binary_search(x).ok()).collect();
+            for &j in &idx {
+                genres[i * g + j] = 1.0 / idx.len() as f32;
+            }
+        }
+        let year: Vec<u32> = ds.items.iter().map(|it| space.year_bucket(it.year)).collect();
+        let td = space.dims.text_dim;
+        let mut flat = Vec::with_capacity(n * td);
+        for row in text {
+            if row.len() != td {
+                return Err(TrainError::Invalid(format!("text embedding of width {} (expected {td})", row.len())));
+            }
+            flat.extend_from_slice(row);
+        }
+        let items = ItemInputs {
+            ids: Tensor::arange(0u32, n as u32, dev)?,
+            genres: Tensor::from_vec(genres, (n, g), dev)?,
+            year: Tensor::from_vec(year, n, dev)?,
+            text: Tensor::from_vec(flat, (n, td), dev)?,
+        };
+        let nu = ds.users.len();
+        let l = space.dims.history_len.max(1);
+        let mut hist = vec![0u32; nu * l];
+        let mut hist_w = vec![0f32; nu * l];
+        for (u, h) in space.user_history.iter().enumerate() {
+            for (j, &it) in h.iter().enumerate() {
+                hist[u * l + j] = it;
+                hist_w[u * l + j] = 1.0 / h.len() as f32;
+            }
+        }
+        let c = space.user_columns.len();
+        let user_cats = if c > 0 {
+            let flat: Vec<u32> = space.user_cats.iter().flatten().copied().collect();
+            Some(Tensor::from_vec(flat, (nu, c), dev)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            items,
+            user_ids: Tensor::arange(0u32, nu as u32, dev)?,
+            user_cats,
+            user_hist: Tensor::from_vec(hist, (nu, l), dev)?,
+            user_hist_w: Tensor::from_vec(hist_w, (nu, l), dev)?,
+        })
+    }
+
+    /// User inputs for the given user indices.
+    pub fn users(&self, idx: &Tensor) -> candle_core::Result<UserInputs> {
+        Ok(UserInputs {
+            ids: self.user_ids.index_select(idx, 0)?,
+            cats: self.user_cats.as_ref().map(|c| c.index_select(idx, 0)).transpose()?,
+            hist: self.user_hist.index_select(idx, 0)?,
+            hist_w: self.user_hist_w.index_select(idx, 0)?,
+        })
+    }
+}

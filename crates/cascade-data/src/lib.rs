@@ -15,7 +15,11 @@ pub use format::{Dataset, Interaction, Item, User};
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{}:{line}: {msg}", path.display())]
-    Row { path: PathBuf, line: u64, msg: String },
+    Row {
+        path: PathBuf,
+        line: u64,
+        msg: String,
+    },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -20,7 +20,11 @@ pub fn random_split(n: usize, test_fraction: f64, seed: u64) -> Split {
     idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
     let n_test = (n as f64 * test_fraction).round() as usize;
     let test = idx.split_off(n - n_test);
-    Split { train: idx, valid: Vec::new(), test }
+    Split {
+        train: idx,
+        valid: Vec::new(),
+        test,
+    }
 }
 
 /// Part sizes for one user's `n` interactions, as RecBole's ratio split
@@ -46,13 +50,22 @@ pub fn part_sizes(n: usize, ratios: [f64; 3]) -> [usize; 3] {
 
 /// Per-user random split (RecBole's `RS: [0.8, 0.1, 0.1]`, `order: RO`,
 /// `group_by: user`): each user's interactions are shuffled and cut by ratio.
-pub fn per_user_split(interactions: &[Interaction], num_users: usize, ratios: [f64; 3], seed: u64) -> Split {
+pub fn per_user_split(
+    interactions: &[Interaction],
+    num_users: usize,
+    ratios: [f64; 3],
+    seed: u64,
+) -> Split {
     let mut by_user: Vec<Vec<usize>> = vec![Vec::new(); num_users];
     for (i, x) in interactions.iter().enumerate() {
         by_user[x.user as usize].push(i);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut s = Split { train: Vec::new(), valid: Vec::new(), test: Vec::new() };
+    let mut s = Split {
+        train: Vec::new(),
+        valid: Vec::new(),
+        test: Vec::new(),
+    };
     for mut rows in by_user {
         rows.shuffle(&mut rng);
         let [a, b, _] = part_sizes(rows.len(), ratios);
@@ -79,14 +92,25 @@ mod tests {
     #[test]
     fn per_user_split_is_a_seeded_partition() {
         let xs: Vec<Interaction> = (0..300)
-            .map(|i| Interaction { user: (i % 7) as u32, item: i as u32, rating: 1.0, timestamp: 0 })
+            .map(|i| Interaction {
+                user: (i % 7) as u32,
+                item: i as u32,
+                rating: 1.0,
+                timestamp: 0,
+            })
             .collect();
         let a = per_user_split(&xs, 7, [0.8, 0.1, 0.1], 3);
         let b = per_user_split(&xs, 7, [0.8, 0.1, 0.1], 3);
         let c = per_user_split(&xs, 7, [0.8, 0.1, 0.1], 4);
         assert_eq!(a.test, b.test);
         assert_ne!(a.test, c.test);
-        let mut all: Vec<usize> = a.train.iter().chain(&a.valid).chain(&a.test).copied().collect();
+        let mut all: Vec<usize> = a
+            .train
+            .iter()
+            .chain(&a.valid)
+            .chain(&a.test)
+            .copied()
+            .collect();
         all.sort();
         assert_eq!(all, (0..300).collect::<Vec<_>>());
         // every user has held-out rows

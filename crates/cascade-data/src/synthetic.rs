@@ -8,7 +8,13 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::format::{Dataset, Interaction, Item, User};
 
-pub fn planted(num_users: usize, num_items: usize, clusters: usize, per_user: usize, seed: u64) -> Dataset {
+pub fn planted(
+    num_users: usize,
+    num_items: usize,
+    clusters: usize,
+    per_user: usize,
+    seed: u64,
+) -> Dataset {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let items: Vec<Item> = (0..num_items)
         .map(|i| Item {
@@ -20,7 +26,10 @@ pub fn planted(num_users: usize, num_items: usize, clusters: usize, per_user: us
         })
         .collect();
     let users: Vec<User> = (0..num_users)
-        .map(|u| User { id: format!("u{u}"), features: vec![format!("c{}", u % clusters), ["a", "b"][u % 2].to_string()] })
+        .map(|u| User {
+            id: format!("u{u}"),
+            features: vec![format!("c{}", u % clusters), ["a", "b"][u % 2].to_string()],
+        })
         .collect();
     let mut interactions = Vec::new();
     for u in 0..num_users {
@@ -38,8 +47,15 @@ pub fn planted(num_users: usize, num_items: usize, clusters: usize, per_user: us
                 continue;
             }
             let base = if item % clusters == c { 4.3 } else { 2.2 };
-            let rating = (base + rng.random_range(-0.7f32..0.7)).round().clamp(1.0, 5.0);
-            interactions.push(Interaction { user: u as u32, item: item as u32, rating, timestamp: rng.random_range(0..1_000_000) });
+            let rating = (base + rng.random_range(-0.7f32..0.7))
+                .round()
+                .clamp(1.0, 5.0);
+            interactions.push(Interaction {
+                user: u as u32,
+                item: item as u32,
+                rating,
+                timestamp: rng.random_range(0..1_000_000),
+            });
         }
     }
     Dataset {

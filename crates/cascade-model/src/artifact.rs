@@ -69,7 +69,9 @@ impl Manifest {
                 if p.is_dir() {
                     stack.push(p);
                 } else {
-                    let rel = p.strip_prefix(dir).map_err(|_| ModelError::Invalid("path outside artifact".into()))?;
+                    let rel = p
+                        .strip_prefix(dir)
+                        .map_err(|_| ModelError::Invalid("path outside artifact".into()))?;
                     let rel = rel.to_string_lossy().replace('\\', "/");
                     if rel != MANIFEST {
                         self.files.insert(rel, sha256_file(&p)?);
@@ -78,7 +80,8 @@ impl Manifest {
             }
         }
         let path = dir.join(MANIFEST);
-        let text = serde_json::to_string_pretty(&self).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&self).map_err(|e| ModelError::Invalid(e.to_string()))?;
         std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))?;
         Ok(self)
     }
@@ -88,22 +91,33 @@ impl Manifest {
     pub fn verify(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join(MANIFEST);
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Corrupt { path: path.clone(), msg: format!("unreadable manifest: {e}") })?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
+            path: path.clone(),
+            msg: format!("unreadable manifest: {e}"),
+        })?;
         if m.format_version != FORMAT_VERSION {
             return Err(ModelError::Corrupt {
                 path,
-                msg: format!("format_version {} is not supported (this build reads {FORMAT_VERSION})", m.format_version),
+                msg: format!(
+                    "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                    m.format_version
+                ),
             });
         }
         for (rel, want) in &m.files {
             let p = dir.join(rel);
             if !p.exists() {
-                return Err(ModelError::Corrupt { path: p, msg: "listed in manifest but missing".into() });
+                return Err(ModelError::Corrupt {
+                    path: p,
+                    msg: "listed in manifest but missing".into(),
+                });
             }
             let got = sha256_file(&p)?;
             if &got != want {
-                return Err(ModelError::Corrupt { path: p, msg: format!("sha256 {got} does not match manifest {want}") });
+                return Err(ModelError::Corrupt {
+                    path: p,
+                    msg: format!("sha256 {got} does not match manifest {want}"),
+                });
             }
         }
         Ok(m)
@@ -118,5 +132,10 @@ pub fn latest_version(root: &Path) -> Result<PathBuf, ModelError> {
         .filter(|p| p.join(MANIFEST).exists())
         .collect();
     dirs.sort();
-    dirs.pop().ok_or_else(|| ModelError::Invalid(format!("no artifact (a directory with {MANIFEST}) under {}", root.display())))
+    dirs.pop().ok_or_else(|| {
+        ModelError::Invalid(format!(
+            "no artifact (a directory with {MANIFEST}) under {}",
+            root.display()
+        ))
+    })
 }

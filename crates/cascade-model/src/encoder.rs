@@ -24,21 +24,33 @@ impl TextEncoder {
     /// Load from a directory holding `config.json`, `tokenizer.json`, `model.safetensors`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
         let cfg_path = dir.join("config.json");
-        let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let cfg_text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
         let config: Config = serde_json::from_str(&cfg_text)
             .map_err(|e| ModelError::Invalid(format!("{}: {e}", cfg_path.display())))?;
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| ModelError::Invalid(format!("{}: {e}", tok_path.display())))?;
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length: MAX_TOKENS, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: MAX_TOKENS,
+                ..Default::default()
+            }))
             .map_err(|e| ModelError::Invalid(format!("tokenizer truncation: {e}")))?;
-        tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..Default::default() }));
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..Default::default()
+        }));
         let weights = dir.join("model.safetensors");
         // SAFETY: the file is memory-mapped read-only and not modified while the encoder lives.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device)? };
         let model = BertModel::load(vb, &config)?;
-        Ok(Self { model, tokenizer, device: device.clone(), dim: config.hidden_size })
+        Ok(Self {
+            model,
+            tokenizer,
+            device: device.clone(),
+            dim: config.hidden_size,
+        })
     }
 
     /// Embed one batch: returns `[n, dim]`, rows L2-normalised.
@@ -69,7 +81,12 @@ impl TextEncoder {
     }
 
     /// Embed many texts in length-sorted batches (less padding), in input order.
-    pub fn embed_all(&self, texts: &[String], batch: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub fn embed_all(
+        &self,
+        texts: &[String],
+        batch: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| texts[i].len());
         let mut out = vec![Vec::new(); texts.len()];

@@ -13,7 +13,10 @@ pub enum ModelError {
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt artifact: {}: {msg}", path.display())]
     Corrupt { path: PathBuf, msg: String },
     #[error("{0}")]
@@ -22,7 +25,10 @@ pub enum ModelError {
 
 impl ModelError {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_path_buf(), source }
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 }
 
@@ -32,8 +38,12 @@ pub fn select_device(spec: &str) -> Result<Device, ModelError> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal: usize = s.strip_prefix("cuda:").map(|n| n.parse()).transpose()
-                .map_err(|_| ModelError::Invalid(format!("bad device {s:?}: expected cuda:N")))?.unwrap_or(0);
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .map(|n| n.parse())
+                .transpose()
+                .map_err(|_| ModelError::Invalid(format!("bad device {s:?}: expected cuda:N")))?
+                .unwrap_or(0);
             match Device::new_cuda(ordinal) {
                 Ok(d) => Ok(d),
                 Err(e) => {
@@ -42,6 +52,8 @@ pub fn select_device(spec: &str) -> Result<Device, ModelError> {
                 }
             }
         }
-        other => Err(ModelError::Invalid(format!("unknown device {other:?}: expected cpu, cuda or cuda:N"))),
+        other => Err(ModelError::Invalid(format!(
+            "unknown device {other:?}: expected cpu, cuda or cuda:N"
+        ))),
     }
 }

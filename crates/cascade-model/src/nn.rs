@@ -76,7 +76,11 @@ pub struct TwoTowerConfig {
 
 impl Default for TwoTowerConfig {
     fn default() -> Self {
-        Self { dim: 64, hidden: 128, temperature: 0.07 }
+        Self {
+            dim: 64,
+            hidden: 128,
+            temperature: 0.07,
+        }
     }
 }
 
@@ -95,7 +99,13 @@ pub struct TwoTower {
     item_l2: Linear,
 }
 
-fn pooled_cats(table: &Embedding, cats: &Option<Tensor>, b: usize, d: usize, dev: &Device) -> candle_core::Result<Tensor> {
+fn pooled_cats(
+    table: &Embedding,
+    cats: &Option<Tensor>,
+    b: usize,
+    d: usize,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
     match cats {
         Some(c) => table.forward(c)?.sum(1),
         None => Tensor::zeros((b, d), DType::F32, dev),
@@ -103,7 +113,11 @@ fn pooled_cats(table: &Embedding, cats: &Option<Tensor>, b: usize, d: usize, dev
 }
 
 impl TwoTower {
-    pub fn new(vb: VarBuilder, dims: &FeatureDims, cfg: &TwoTowerConfig) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dims: &FeatureDims,
+        cfg: &TwoTowerConfig,
+    ) -> candle_core::Result<Self> {
         let d = cfg.dim;
         Ok(Self {
             cfg: cfg.clone(),
@@ -126,7 +140,11 @@ impl TwoTower {
         let (b, d) = (u.ids.dim(0)?, self.cfg.dim);
         let id = self.user_id.forward(&u.ids)?;
         let cats = pooled_cats(&self.user_cat, &u.cats, b, d, u.ids.device())?;
-        let hist = self.hist.forward(&u.hist)?.broadcast_mul(&u.hist_w.unsqueeze(2)?)?.sum(1)?;
+        let hist = self
+            .hist
+            .forward(&u.hist)?
+            .broadcast_mul(&u.hist_w.unsqueeze(2)?)?
+            .sum(1)?;
         let x = Tensor::cat(&[id, cats, hist], 1)?;
         l2_normalize(&self.user_l2.forward(&self.user_l1.forward(&x)?.relu()?)?)
     }
@@ -155,7 +173,10 @@ pub struct RankerConfig {
 
 impl Default for RankerConfig {
     fn default() -> Self {
-        Self { field_dim: 16, hidden: [128, 64] }
+        Self {
+            field_dim: 16,
+            hidden: [128, 64],
+        }
     }
 }
 
@@ -198,7 +219,12 @@ pub struct PairInputs<'a> {
 }
 
 impl Ranker {
-    pub fn new(vb: VarBuilder, dims: &FeatureDims, cfg: &RankerConfig, global_mean: f32) -> candle_core::Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dims: &FeatureDims,
+        cfg: &RankerConfig,
+        global_mean: f32,
+    ) -> candle_core::Result<Self> {
         let k = cfg.field_dim;
         let n_fields = 6 + dims.user_cat_vocab.len();
         Ok(Self {
@@ -240,13 +266,18 @@ impl Ranker {
         let v = Tensor::cat(&fields, 1)?; // [B, F, k]
         let sum = v.sum(1)?;
         let fm = ((sum.sqr()? - v.sqr()?.sum(1)?)? * 0.5)?.sum(1)?; // [B]
-        let deep = self
-            .head
-            .forward(&self.l2.forward(&self.l1.forward(&v.reshape((b, ()))?)?.relu()?)?.relu()?)?; // [B, 2]
+        let deep = self.head.forward(
+            &self
+                .l2
+                .forward(&self.l1.forward(&v.reshape((b, ()))?)?.relu()?)?
+                .relu()?,
+        )?; // [B, 2]
         let ub = self.user_bias.forward(&u.ids)?.squeeze(1)?;
         let ib = self.item_bias.forward(&p.item.ids)?.squeeze(1)?;
-        let rating = (((deep.narrow(1, 0, 1)?.squeeze(1)? + fm)? + ub)? + ib)?.affine(1.0, self.global_mean as f64)?;
-        let engage = (deep.narrow(1, 1, 1)?.squeeze(1)? + self.item_engage_bias.forward(&p.item.ids)?.squeeze(1)?)?;
+        let rating = (((deep.narrow(1, 0, 1)?.squeeze(1)? + fm)? + ub)? + ib)?
+            .affine(1.0, self.global_mean as f64)?;
+        let engage = (deep.narrow(1, 1, 1)?.squeeze(1)?
+            + self.item_engage_bias.forward(&p.item.ids)?.squeeze(1)?)?;
         Ok(RankerOut { rating, engage })
     }
 }
@@ -258,8 +289,16 @@ pub struct BprMf {
 }
 
 impl BprMf {
-    pub fn new(vb: VarBuilder, num_users: usize, num_items: usize, dim: usize) -> candle_core::Result<Self> {
-        Ok(Self { user: embedding(num_users, dim, vb.pp("user_emb"))?, item: embedding(num_items, dim, vb.pp("item_emb"))? })
+    pub fn new(
+        vb: VarBuilder,
+        num_users: usize,
+        num_items: usize,
+        dim: usize,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            user: embedding(num_users, dim, vb.pp("user_emb"))?,
+            item: embedding(num_items, dim, vb.pp("item_emb"))?,
+        })
     }
     /// `[B]` scores of (user, item) pairs.
     pub fn score(&self, users: &Tensor, items: &Tensor) -> candle_core::Result<Tensor> {
@@ -272,7 +311,10 @@ impl BprMf {
 /// (tables named `*_emb`), linear weights Kaiming-uniform, biases zero; bias
 /// embeddings start at zero.
 pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<(), ModelError> {
-    let data = varmap.data().lock().map_err(|_| ModelError::Invalid("varmap lock poisoned".into()))?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| ModelError::Invalid("varmap lock poisoned".into()))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
@@ -302,7 +344,9 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> Result<(), ModelError> {
         } else {
             let fan_in = *dims.last().unwrap_or(&1) as f64;
             let bound = 1.0 / fan_in.sqrt();
-            (0..n).map(|_| ((next() * 2.0 - 1.0) * bound) as f32).collect()
+            (0..n)
+                .map(|_| ((next() * 2.0 - 1.0) * bound) as f32)
+                .collect()
         };
         var.set(&Tensor::from_vec(vals, dims.as_slice(), var.device())?)?;
     }

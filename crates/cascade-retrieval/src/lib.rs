@@ -16,7 +16,11 @@ pub enum IndexError {
     #[error("index: {0}")]
     Hnsw(String),
     #[error("index: vector {index} has dimension {got}, expected {expected}")]
-    Dim { index: usize, got: usize, expected: usize },
+    Dim {
+        index: usize,
+        got: usize,
+        expected: usize,
+    },
     #[error("index: empty catalogue")]
     Empty,
 }
@@ -31,7 +35,12 @@ pub struct IndexParams {
 
 impl Default for IndexParams {
     fn default() -> Self {
-        Self { max_nb_connection: 24, ef_construction: 200, max_layer: 16, ef_search: 128 }
+        Self {
+            max_nb_connection: 24,
+            ef_construction: 200,
+            max_layer: 16,
+            ef_search: 128,
+        }
     }
 }
 
@@ -54,18 +63,39 @@ impl ItemIndex {
     pub fn build(vectors: &[Vec<f32>], params: IndexParams) -> Result<Self, IndexError> {
         let dim = vectors.first().map(Vec::len).ok_or(IndexError::Empty)?;
         if let Some((index, v)) = vectors.iter().enumerate().find(|(_, v)| v.len() != dim) {
-            return Err(IndexError::Dim { index, got: v.len(), expected: dim });
+            return Err(IndexError::Dim {
+                index,
+                got: v.len(),
+                expected: dim,
+            });
         }
-        let mut hnsw = Hnsw::<f32, DistDot>::new(params.max_nb_connection, vectors.len(), params.max_layer, params.ef_construction, DistDot {});
-        let data: Vec<(&Vec<f32>, usize)> = vectors.iter().enumerate().map(|(i, v)| (v, i)).collect();
+        let mut hnsw = Hnsw::<f32, DistDot>::new(
+            params.max_nb_connection,
+            vectors.len(),
+            params.max_layer,
+            params.ef_construction,
+            DistDot {},
+        );
+        let data: Vec<(&Vec<f32>, usize)> =
+            vectors.iter().enumerate().map(|(i, v)| (v, i)).collect();
         hnsw.parallel_insert(&data);
         hnsw.set_searching_mode(true);
-        Ok(Self { hnsw, dim, len: vectors.len(), params })
+        Ok(Self {
+            hnsw,
+            dim,
+            len: vectors.len(),
+            params,
+        })
     }
 
     /// Top-`k` items by dot product; `keep` (when given) is evaluated inside the
     /// graph walk, so filtered-out items never take a result slot.
-    pub fn search(&self, query: &[f32], k: usize, keep: Option<&dyn Fn(usize) -> bool>) -> Vec<Hit> {
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        keep: Option<&dyn Fn(usize) -> bool>,
+    ) -> Vec<Hit> {
         let ef = self.params.ef_search.max(k);
         let res = match keep {
             Some(f) => {
@@ -74,12 +104,19 @@ impl ItemIndex {
             }
             None => self.hnsw.search(query, k, ef),
         };
-        res.into_iter().map(|n| Hit { item: n.d_id, score: 1.0 - n.distance }).collect()
+        res.into_iter()
+            .map(|n| Hit {
+                item: n.d_id,
+                score: 1.0 - n.distance,
+            })
+            .collect()
     }
 
     /// Dump to `dir/items.hnsw.{graph,data}`.
     pub fn save(&self, dir: &Path) -> Result<(), IndexError> {
-        self.hnsw.file_dump(dir, INDEX_BASENAME).map_err(|e| IndexError::Hnsw(e.to_string()))?;
+        self.hnsw
+            .file_dump(dir, INDEX_BASENAME)
+            .map_err(|e| IndexError::Hnsw(e.to_string()))?;
         Ok(())
     }
 
@@ -88,11 +125,18 @@ impl ItemIndex {
         // a few paths and options (data is copied, not memory-mapped), so it is
         // leaked once per load to give the index a 'static lifetime.
         let io: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, INDEX_BASENAME)));
-        let mut hnsw: Hnsw<'static, f32, DistDot> = io.load_hnsw().map_err(|e| IndexError::Hnsw(format!("{}: {e}", dir.display())))?;
+        let mut hnsw: Hnsw<'static, f32, DistDot> = io
+            .load_hnsw()
+            .map_err(|e| IndexError::Hnsw(format!("{}: {e}", dir.display())))?;
         hnsw.set_searching_mode(true);
         let len = hnsw.get_nb_point();
         let dim = hnsw.get_point_indexation().get_data_dimension();
-        Ok(Self { hnsw, dim, len, params })
+        Ok(Self {
+            hnsw,
+            dim,
+            len,
+            params,
+        })
     }
 }
 
@@ -101,7 +145,10 @@ pub fn exact_top_k(vectors: &[Vec<f32>], query: &[f32], k: usize) -> Vec<Hit> {
     let mut scored: Vec<Hit> = vectors
         .iter()
         .enumerate()
-        .map(|(i, v)| Hit { item: i, score: v.iter().zip(query).map(|(a, b)| a * b).sum() })
+        .map(|(i, v)| Hit {
+            item: i,
+            score: v.iter().zip(query).map(|(a, b)| a * b).sum(),
+        })
         .collect();
     let k = k.min(scored.len());
     if k == 0 {
@@ -122,9 +169,13 @@ pub fn recall_at_k(index: &ItemIndex, vectors: &[Vec<f32>], queries: &[Vec<f32>]
     let total: f64 = queries
         .par_iter()
         .map(|q| {
-            let truth: std::collections::HashSet<usize> = exact_top_k(vectors, q, k).into_iter().map(|h| h.item).collect();
+            let truth: std::collections::HashSet<usize> = exact_top_k(vectors, q, k)
+                .into_iter()
+                .map(|h| h.item)
+                .collect();
             let got = index.search(q, k, None);
-            got.iter().filter(|h| truth.contains(&h.item)).count() as f64 / truth.len().max(1) as f64
+            got.iter().filter(|h| truth.contains(&h.item)).count() as f64
+                / truth.len().max(1) as f64
         })
         .sum();
     total / queries.len() as f64
@@ -148,9 +199,17 @@ mod tests {
 
     #[test]
     fn exact_top_k_orders_by_dot_then_index() {
-        let v = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![1.0, 0.0], vec![0.6, 0.8]];
+        let v = vec![
+            vec![1.0, 0.0],
+            vec![0.0, 1.0],
+            vec![1.0, 0.0],
+            vec![0.6, 0.8],
+        ];
         let hits = exact_top_k(&v, &[1.0, 0.0], 3);
-        assert_eq!(hits.iter().map(|h| h.item).collect::<Vec<_>>(), vec![0, 2, 3]);
+        assert_eq!(
+            hits.iter().map(|h| h.item).collect::<Vec<_>>(),
+            vec![0, 2, 3]
+        );
         assert!((hits[2].score - 0.6).abs() < 1e-6);
     }
 
@@ -165,8 +224,16 @@ mod tests {
         idx.save(dir.path()).unwrap();
         let loaded = ItemIndex::load(dir.path(), IndexParams::default()).unwrap();
         assert_eq!((loaded.len, loaded.dim), (3000, 32));
-        let a: Vec<usize> = idx.search(&queries[0], 10, None).iter().map(|h| h.item).collect();
-        let b: Vec<usize> = loaded.search(&queries[0], 10, None).iter().map(|h| h.item).collect();
+        let a: Vec<usize> = idx
+            .search(&queries[0], 10, None)
+            .iter()
+            .map(|h| h.item)
+            .collect();
+        let b: Vec<usize> = loaded
+            .search(&queries[0], 10, None)
+            .iter()
+            .map(|h| h.item)
+            .collect();
         assert_eq!(a, b);
     }
 

@@ -29,7 +29,11 @@ pub struct Ranking {
 
 impl From<TopK> for Ranking {
     fn from(t: TopK) -> Self {
-        Self { recall_at_10: t.recall, ndcg_at_10: t.ndcg, hit_at_10: t.hit }
+        Self {
+            recall_at_10: t.recall,
+            ndcg_at_10: t.ndcg,
+            hit_at_10: t.hit,
+        }
     }
 }
 
@@ -75,11 +79,23 @@ fn per_user_sets(ds: &Dataset, idx: &[usize]) -> Vec<HashSet<u32>> {
 }
 
 fn triples(ds: &Dataset, idx: &[usize]) -> Vec<(u32, u32, f32)> {
-    idx.iter().map(|&i| (ds.interactions[i].user, ds.interactions[i].item, ds.interactions[i].rating)).collect()
+    idx.iter()
+        .map(|&i| {
+            (
+                ds.interactions[i].user,
+                ds.interactions[i].item,
+                ds.interactions[i].rating,
+            )
+        })
+        .collect()
 }
 
 /// Mean top-10 metrics when each user's items are ordered by `score_row(u)`.
-fn evaluate(relevant: &[HashSet<u32>], seen: &[HashSet<u32>], mut ranked: impl FnMut(usize, &HashSet<u32>) -> Vec<u32>) -> Ranking {
+fn evaluate(
+    relevant: &[HashSet<u32>],
+    seen: &[HashSet<u32>],
+    mut ranked: impl FnMut(usize, &HashSet<u32>) -> Vec<u32>,
+) -> Ranking {
     let mut per_user = Vec::new();
     for (u, rel) in relevant.iter().enumerate() {
         if rel.is_empty() {
@@ -113,8 +129,15 @@ pub fn train_models(
     let seen = per_user_sets(ds, train_idx);
     let valid_rel = per_user_sets(ds, valid_idx);
     let valid_triples = triples(ds, valid_idx);
-    let holdout = Holdout { seen: &seen, relevant: &valid_rel, pairs: &valid_triples };
-    let train_pairs: Vec<(u32, u32)> = train_idx.iter().map(|&i| (ds.interactions[i].user, ds.interactions[i].item)).collect();
+    let holdout = Holdout {
+        seen: &seen,
+        relevant: &valid_rel,
+        pairs: &valid_triples,
+    };
+    let train_pairs: Vec<(u32, u32)> = train_idx
+        .iter()
+        .map(|&i| (ds.interactions[i].user, ds.interactions[i].item))
+        .collect();
     let two_tower = train::train_two_tower(&space, &tables, &train_pairs, &holdout, cfg, dev)?;
     let (u, v) = train::tower_embeddings(&two_tower.model, &tables, dev)?;
     let user_vecs: Vec<f32> = u.flatten_all()?.to_vec1()?;
@@ -122,7 +145,13 @@ pub fn train_models(
     let scores: Vec<f32> = u.matmul(&v.t()?)?.flatten_all()?.to_vec1()?;
     let n_items = space.dims.num_items;
     let hard_pool: Vec<Vec<u32>> = (0..space.dims.num_users)
-        .map(|uix| masked_top(&scores[uix * n_items..(uix + 1) * n_items], &seen[uix], cfg.hard_negative_pool))
+        .map(|uix| {
+            masked_top(
+                &scores[uix * n_items..(uix + 1) * n_items],
+                &seen[uix],
+                cfg.hard_negative_pool,
+            )
+        })
         .collect();
     let train_triples = triples(ds, train_idx);
     let data = RankerData {
@@ -134,24 +163,49 @@ pub fn train_models(
         dim: cfg.two_tower.dim,
     };
     let ranker = train::train_ranker(&space, &tables, &data, &valid_triples, cfg, dev)?;
-    Ok(Models { space, tables, two_tower, ranker, user_vecs, item_vecs, cascade_rating_weight: 0.0 })
+    Ok(Models {
+        space,
+        tables,
+        two_tower,
+        ranker,
+        user_vecs,
+        item_vecs,
+        cascade_rating_weight: 0.0,
+    })
 }
 
 impl Models {
     fn data<'a>(&'a self, seen: &'a [HashSet<u32>], dim: usize) -> RankerData<'a> {
-        RankerData { train: &[], seen, hard_pool: &[], user_vecs: &self.user_vecs, item_vecs: &self.item_vecs, dim }
+        RankerData {
+            train: &[],
+            seen,
+            hard_pool: &[],
+            user_vecs: &self.user_vecs,
+            item_vecs: &self.item_vecs,
+            dim,
+        }
     }
 
     /// Two-tower scores of every item for user `u`.
     pub fn tt_row(&self, u: usize, dim: usize) -> Vec<f32> {
         let uv = &self.user_vecs[u * dim..(u + 1) * dim];
-        self.item_vecs.chunks(dim).map(|iv| iv.iter().zip(uv).map(|(a, b)| a * b).sum()).collect()
+        self.item_vecs
+            .chunks(dim)
+            .map(|iv| iv.iter().zip(uv).map(|(a, b)| a * b).sum())
+            .collect()
     }
 
     /// The full cascade: retrieve `n` unseen candidates by two-tower score,
     /// order them by `engage + w * (rating - mean)`; returns best-first lists per
     /// user with each candidate's (engage, rating) so several `w` can be tried cheaply.
-    fn cascade_candidates(&self, users: &[usize], seen: &[HashSet<u32>], n: usize, dim: usize, dev: &Device) -> Result<Vec<Vec<(u32, f32, f32)>>, TrainError> {
+    fn cascade_candidates(
+        &self,
+        users: &[usize],
+        seen: &[HashSet<u32>],
+        n: usize,
+        dim: usize,
+        dev: &Device,
+    ) -> Result<Vec<Vec<(u32, f32, f32)>>, TrainError> {
         let mut pairs = Vec::new();
         let mut spans = Vec::new();
         for &u in users {
@@ -160,16 +214,24 @@ impl Models {
             pairs.extend(cands.into_iter().map(|i| (u as u32, i)));
         }
         let data = self.data(seen, dim);
-        let (rating, engage) = train::ranker_scores(&self.ranker.model, &self.tables, &data, &pairs, dev)?;
+        let (rating, engage) =
+            train::ranker_scores(&self.ranker.model, &self.tables, &data, &pairs, dev)?;
         Ok(spans
             .into_iter()
-            .map(|(_, start, len)| (start..start + len).map(|j| (pairs[j].1, engage[j], rating[j])).collect())
+            .map(|(_, start, len)| {
+                (start..start + len)
+                    .map(|j| (pairs[j].1, engage[j], rating[j]))
+                    .collect()
+            })
             .collect())
     }
 }
 
 fn order_cascade(cands: &[(u32, f32, f32)], w: f32, mean: f32) -> Vec<u32> {
-    let mut v: Vec<(u32, f32)> = cands.iter().map(|&(i, e, r)| (i, e + w * (r - mean))).collect();
+    let mut v: Vec<(u32, f32)> = cands
+        .iter()
+        .map(|&(i, e, r)| (i, e + w * (r - mean)))
+        .collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     v.into_iter().map(|x| x.0).collect()
 }
@@ -177,37 +239,76 @@ fn order_cascade(cands: &[(u32, f32, f32)], w: f32, mean: f32) -> Vec<u32> {
 /// Candidate weights for the rating head in the cascade's ordering score.
 const RATING_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 1.0, 2.0];
 
-pub fn ranking_protocol(ds: &Dataset, text: &[Vec<f32>], cfg: &TrainConfig, candidates: usize, dev: &Device) -> Result<(RankingReport, Models), TrainError> {
+pub fn ranking_protocol(
+    ds: &Dataset,
+    text: &[Vec<f32>],
+    cfg: &TrainConfig,
+    candidates: usize,
+    dev: &Device,
+) -> Result<(RankingReport, Models), TrainError> {
     let split = per_user_split(&ds.interactions, ds.users.len(), [0.8, 0.1, 0.1], cfg.seed);
     let mut models = train_models(ds, text, &split.train, &split.valid, cfg, dev)?;
     let seen_train = per_user_sets(ds, &split.train);
     let valid_rel = per_user_sets(ds, &split.valid);
     let test_rel = per_user_sets(ds, &split.test);
-    let seen_test: Vec<HashSet<u32>> = seen_train.iter().zip(&valid_rel).map(|(a, b)| a | b).collect();
+    let seen_test: Vec<HashSet<u32>> = seen_train
+        .iter()
+        .zip(&valid_rel)
+        .map(|(a, b)| a | b)
+        .collect();
     let dim = cfg.two_tower.dim;
 
     // Popularity.
-    let pop: Vec<f32> = models.space.item_popularity.iter().map(|&c| c as f32).collect();
+    let pop: Vec<f32> = models
+        .space
+        .item_popularity
+        .iter()
+        .map(|&c| c as f32)
+        .collect();
     let popularity = evaluate(&test_rel, &seen_test, |_, seen| masked_top(&pop, seen, K));
 
     // BPR-MF baseline.
-    let holdout = Holdout { seen: &seen_train, relevant: &valid_rel, pairs: &[] };
-    let train_pairs: Vec<(u32, u32)> = split.train.iter().map(|&i| (ds.interactions[i].user, ds.interactions[i].item)).collect();
+    let holdout = Holdout {
+        seen: &seen_train,
+        relevant: &valid_rel,
+        pairs: &[],
+    };
+    let train_pairs: Vec<(u32, u32)> = split
+        .train
+        .iter()
+        .map(|&i| (ds.interactions[i].user, ds.interactions[i].item))
+        .collect();
     let bpr = train::train_bpr(&models.space, &train_pairs, &seen_train, &holdout, cfg, dev)?;
-    let bpr_scores: Vec<f32> = bpr.model.user.embeddings().matmul(&bpr.model.item.embeddings().t()?)?.flatten_all()?.to_vec1()?;
+    let bpr_scores: Vec<f32> = bpr
+        .model
+        .user
+        .embeddings()
+        .matmul(&bpr.model.item.embeddings().t()?)?
+        .flatten_all()?
+        .to_vec1()?;
     let n_items = ds.items.len();
-    let bpr_rank = evaluate(&test_rel, &seen_test, |u, seen| masked_top(&bpr_scores[u * n_items..(u + 1) * n_items], seen, K));
+    let bpr_rank = evaluate(&test_rel, &seen_test, |u, seen| {
+        masked_top(&bpr_scores[u * n_items..(u + 1) * n_items], seen, K)
+    });
 
     // Two-tower alone (exact full ranking).
-    let two_tower = evaluate(&test_rel, &seen_test, |u, seen| masked_top(&models.tt_row(u, dim), seen, K));
+    let two_tower = evaluate(&test_rel, &seen_test, |u, seen| {
+        masked_top(&models.tt_row(u, dim), seen, K)
+    });
 
     // Cascade: choose the rating weight on validation, report on test.
     let mean = models.space.global_mean_rating;
-    let valid_users: Vec<usize> = (0..ds.users.len()).filter(|&u| !valid_rel[u].is_empty()).collect();
+    let valid_users: Vec<usize> = (0..ds.users.len())
+        .filter(|&u| !valid_rel[u].is_empty())
+        .collect();
     let vc = models.cascade_candidates(&valid_users, &seen_train, candidates, dim, dev)?;
     let mut best = (f64::NEG_INFINITY, 0.0f32);
     for w in RATING_WEIGHTS {
-        let per: Vec<TopK> = valid_users.iter().zip(&vc).map(|(&u, c)| metrics::top_k(&order_cascade(c, w, mean), &valid_rel[u], K)).collect();
+        let per: Vec<TopK> = valid_users
+            .iter()
+            .zip(&vc)
+            .map(|(&u, c)| metrics::top_k(&order_cascade(c, w, mean), &valid_rel[u], K))
+            .collect();
         let ndcg = metrics::mean(&per).ndcg;
         if ndcg > best.0 {
             best = (ndcg, w);
@@ -215,9 +316,15 @@ pub fn ranking_protocol(ds: &Dataset, text: &[Vec<f32>], cfg: &TrainConfig, cand
     }
     let w = best.1;
     models.cascade_rating_weight = w;
-    let test_users: Vec<usize> = (0..ds.users.len()).filter(|&u| !test_rel[u].is_empty()).collect();
+    let test_users: Vec<usize> = (0..ds.users.len())
+        .filter(|&u| !test_rel[u].is_empty())
+        .collect();
     let tc = models.cascade_candidates(&test_users, &seen_test, candidates, dim, dev)?;
-    let per: Vec<TopK> = test_users.iter().zip(&tc).map(|(&u, c)| metrics::top_k(&order_cascade(c, w, mean), &test_rel[u], K)).collect();
+    let per: Vec<TopK> = test_users
+        .iter()
+        .zip(&tc)
+        .map(|(&u, c)| metrics::top_k(&order_cascade(c, w, mean), &test_rel[u], K))
+        .collect();
     let cascade = metrics::mean(&per).into();
 
     let report = RankingReport {
@@ -228,27 +335,51 @@ pub fn ranking_protocol(ds: &Dataset, text: &[Vec<f32>], cfg: &TrainConfig, cand
         cascade_rating_weight: w,
         cascade_candidates: candidates,
         users_evaluated: test_users.len(),
-        curves: vec![models.two_tower.curve.clone(), models.ranker.curve.clone(), bpr.curve],
+        curves: vec![
+            models.two_tower.curve.clone(),
+            models.ranker.curve.clone(),
+            bpr.curve,
+        ],
     };
     Ok((report, models))
 }
 
-pub fn rating_protocol(ds: &Dataset, text: &[Vec<f32>], cfg: &TrainConfig, dev: &Device) -> Result<RatingReport, TrainError> {
+pub fn rating_protocol(
+    ds: &Dataset,
+    text: &[Vec<f32>],
+    cfg: &TrainConfig,
+    dev: &Device,
+) -> Result<RatingReport, TrainError> {
     let split = random_split(ds.interactions.len(), 0.1, cfg.seed);
     let inner = random_split(split.train.len(), 0.05, cfg.seed.wrapping_add(1));
     let train_idx: Vec<usize> = inner.train.iter().map(|&j| split.train[j]).collect();
     let valid_idx: Vec<usize> = inner.test.iter().map(|&j| split.train[j]).collect();
     let models = train_models(ds, text, &train_idx, &valid_idx, cfg, dev)?;
-    let (lo, hi) = train_idx.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &i| {
-        let r = ds.interactions[i].rating;
-        (lo.min(r), hi.max(r))
-    });
-    let pairs: Vec<(u32, u32)> = split.test.iter().map(|&i| (ds.interactions[i].user, ds.interactions[i].item)).collect();
-    let truth: Vec<f32> = split.test.iter().map(|&i| ds.interactions[i].rating).collect();
+    let (lo, hi) = train_idx
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &i| {
+            let r = ds.interactions[i].rating;
+            (lo.min(r), hi.max(r))
+        });
+    let pairs: Vec<(u32, u32)> = split
+        .test
+        .iter()
+        .map(|&i| (ds.interactions[i].user, ds.interactions[i].item))
+        .collect();
+    let truth: Vec<f32> = split
+        .test
+        .iter()
+        .map(|&i| ds.interactions[i].rating)
+        .collect();
     let data = models.data(&[], cfg.two_tower.dim);
     let (pred, _) = train::ranker_scores(&models.ranker.model, &models.tables, &data, &pairs, dev)?;
     // Predictions are clipped to the observed rating range, as SVD baselines do.
     let pred: Vec<f32> = pred.into_iter().map(|p| p.clamp(lo, hi)).collect();
     let (rmse, mae) = metrics::rmse_mae(&pred, &truth);
-    Ok(RatingReport { rmse, mae, test_ratings: truth.len(), curves: vec![models.two_tower.curve, models.ranker.curve] })
+    Ok(RatingReport {
+        rmse,
+        mae,
+        test_ratings: truth.len(),
+        curves: vec![models.two_tower.curve, models.ranker.curve],
+    })
 }

@@ -40,13 +40,30 @@ impl FeatureSpace {
         }
         let genres: Vec<String> = genre_set.keys().map(|s| s.to_string()).collect();
         let years: Vec<i32> = ds.items.iter().filter_map(|i| i.year).collect();
-        let first_decade = years.iter().min().map(|y| y.div_euclid(10) * 10).unwrap_or(0);
-        let last_decade = years.iter().max().map(|y| y.div_euclid(10) * 10).unwrap_or(0);
-        let num_year_buckets = if years.is_empty() { 1 } else { ((last_decade - first_decade) / 10 + 2) as usize };
+        let first_decade = years
+            .iter()
+            .min()
+            .map(|y| y.div_euclid(10) * 10)
+            .unwrap_or(0);
+        let last_decade = years
+            .iter()
+            .max()
+            .map(|y| y.div_euclid(10) * 10)
+            .unwrap_or(0);
+        let num_year_buckets = if years.is_empty() {
+            1
+        } else {
+            ((last_decade - first_decade) / 10 + 2) as usize
+        };
 
         let mut user_columns = Vec::new();
         for (c, name) in ds.user_feature_names.iter().enumerate() {
-            let mut vals: Vec<String> = ds.users.iter().map(|u| u.features[c].clone()).filter(|v| !v.is_empty()).collect();
+            let mut vals: Vec<String> = ds
+                .users
+                .iter()
+                .map(|u| u.features[c].clone())
+                .filter(|v| !v.is_empty())
+                .collect();
             vals.sort();
             vals.dedup();
             let mut vocab = vec![String::new()];
@@ -59,7 +76,11 @@ impl FeatureSpace {
             let mut offset = 0u32;
             let mut row = Vec::with_capacity(user_columns.len());
             for (c, (_, vocab)) in user_columns.iter().enumerate() {
-                let ix = vocab.binary_search(&u.features[c]).ok().filter(|_| !u.features[c].is_empty()).unwrap_or(0);
+                let ix = vocab
+                    .binary_search(&u.features[c])
+                    .ok()
+                    .filter(|_| !u.features[c].is_empty())
+                    .unwrap_or(0);
                 row.push(offset + ix as u32);
                 offset += vocab.len() as u32;
             }
@@ -100,7 +121,11 @@ impl FeatureSpace {
             user_cats,
             user_history,
             item_popularity,
-            global_mean_rating: if train.is_empty() { 0.0 } else { (sum / train.len() as f64) as f32 },
+            global_mean_rating: if train.is_empty() {
+                0.0
+            } else {
+                (sum / train.len() as f64) as f32
+            },
         }
     }
 
@@ -125,22 +150,38 @@ pub struct Tables {
 }
 
 impl Tables {
-    pub fn build(space: &FeatureSpace, ds: &Dataset, text: &[Vec<f32>], dev: &Device) -> Result<Self, TrainError> {
+    pub fn build(
+        space: &FeatureSpace,
+        ds: &Dataset,
+        text: &[Vec<f32>],
+        dev: &Device,
+    ) -> Result<Self, TrainError> {
         let n = ds.items.len();
         let g = space.dims.num_genres.max(1);
         let mut genres = vec![0f32; n * g];
         for (i, it) in ds.items.iter().enumerate() {
-            let idx: Vec<usize> = it.genres.iter().filter_map(|x| space.genres.binary_search(x).ok()).collect();
+            let idx: Vec<usize> = it
+                .genres
+                .iter()
+                .filter_map(|x| space.genres.binary_search(x).ok())
+                .collect();
             for &j in &idx {
                 genres[i * g + j] = 1.0 / idx.len() as f32;
             }
         }
-        let year: Vec<u32> = ds.items.iter().map(|it| space.year_bucket(it.year)).collect();
+        let year: Vec<u32> = ds
+            .items
+            .iter()
+            .map(|it| space.year_bucket(it.year))
+            .collect();
         let td = space.dims.text_dim;
         let mut flat = Vec::with_capacity(n * td);
         for row in text {
             if row.len() != td {
-                return Err(TrainError::Invalid(format!("text embedding of width {} (expected {td})", row.len())));
+                return Err(TrainError::Invalid(format!(
+                    "text embedding of width {} (expected {td})",
+                    row.len()
+                )));
             }
             flat.extend_from_slice(row);
         }
@@ -180,7 +221,11 @@ impl Tables {
     pub fn users(&self, idx: &Tensor) -> candle_core::Result<UserInputs> {
         Ok(UserInputs {
             ids: self.user_ids.index_select(idx, 0)?,
-            cats: self.user_cats.as_ref().map(|c| c.index_select(idx, 0)).transpose()?,
+            cats: self
+                .user_cats
+                .as_ref()
+                .map(|c| c.index_select(idx, 0))
+                .transpose()?,
             hist: self.user_hist.index_select(idx, 0)?,
             hist_w: self.user_hist_w.index_select(idx, 0)?,
         })

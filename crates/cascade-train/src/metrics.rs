@@ -25,8 +25,14 @@ pub fn top_k(ranked: &[u32], relevant: &HashSet<u32>, k: usize) -> TopK {
             dcg += 1.0 / ((pos + 2) as f64).log2();
         }
     }
-    let idcg: f64 = (0..relevant.len().min(k)).map(|p| 1.0 / ((p + 2) as f64).log2()).sum();
-    TopK { recall: hits as f64 / relevant.len() as f64, ndcg: dcg / idcg, hit: if hits > 0 { 1.0 } else { 0.0 } }
+    let idcg: f64 = (0..relevant.len().min(k))
+        .map(|p| 1.0 / ((p + 2) as f64).log2())
+        .sum();
+    TopK {
+        recall: hits as f64 / relevant.len() as f64,
+        ndcg: dcg / idcg,
+        hit: if hits > 0 { 1.0 } else { 0.0 },
+    }
 }
 
 /// Mean of per-user metrics.
@@ -54,8 +60,14 @@ pub fn rmse_mae(pred: &[f32], truth: &[f32]) -> (f64, f64) {
 /// Indices of the `k` highest scores, best first; ties go to the lower index.
 /// Entries with `-inf` (masked) are never returned.
 pub fn top_indices(scores: &[f32], k: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..scores.len() as u32).filter(|&i| scores[i as usize] > f32::NEG_INFINITY).collect();
-    let cmp = |a: &u32, b: &u32| scores[*b as usize].total_cmp(&scores[*a as usize]).then(a.cmp(b));
+    let mut idx: Vec<u32> = (0..scores.len() as u32)
+        .filter(|&i| scores[i as usize] > f32::NEG_INFINITY)
+        .collect();
+    let cmp = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
     let k = k.min(idx.len());
     if k == 0 {
         return Vec::new();
@@ -88,7 +100,10 @@ mod tests {
         // k cuts the list: only position 0 counts.
         let m = top_k(&[1, 2, 5, 3], &set(&[1, 5, 9]), 1);
         assert!((m.recall - 1.0 / 3.0).abs() < 1e-12);
-        assert!((m.ndcg - 1.0).abs() < 1e-12, "ideal DCG uses min(|rel|, k) = 1 position");
+        assert!(
+            (m.ndcg - 1.0).abs() < 1e-12,
+            "ideal DCG uses min(|rel|, k) = 1 position"
+        );
         // no hit
         let m = top_k(&[7, 8], &set(&[1]), 2);
         assert_eq!((m.recall, m.ndcg, m.hit), (0.0, 0.0, 0.0));

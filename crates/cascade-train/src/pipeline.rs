@@ -23,7 +23,13 @@ pub const TEXT_MODEL: &str = "sentence-transformers/all-MiniLM-L6-v2";
 
 /// Embed every item's content text with MiniLM, reusing `cache_dir/text-<hash>.safetensors`
 /// when the same model file and texts were embedded before.
-pub fn embed_items(ds: &Dataset, minilm_dir: &Path, cache_dir: Option<&Path>, progress: bool, dev: &Device) -> Result<Vec<Vec<f32>>, TrainError> {
+pub fn embed_items(
+    ds: &Dataset,
+    minilm_dir: &Path,
+    cache_dir: Option<&Path>,
+    progress: bool,
+    dev: &Device,
+) -> Result<Vec<Vec<f32>>, TrainError> {
     let texts: Vec<String> = ds.items.iter().map(|i| i.content_text()).collect();
     let weights = minilm_dir.join("model.safetensors");
     let mut h = Sha256::new();
@@ -42,7 +48,11 @@ pub fn embed_items(ds: &Dataset, minilm_dir: &Path, cache_dir: Option<&Path>, pr
         }
     }
     let enc = TextEncoder::load(minilm_dir, dev)?;
-    let pb = if progress { indicatif::ProgressBar::new(texts.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    let pb = if progress {
+        indicatif::ProgressBar::new(texts.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     pb.set_prefix("minilm");
     let rows = enc.embed_all(&texts, 64, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
@@ -77,10 +87,21 @@ pub struct EvalReport {
 }
 
 /// Run both protocols. Returns the report and the ranking-protocol models (the ones an artifact ships).
-pub fn evaluate(ds: &Dataset, text: &[Vec<f32>], cfg: &TrainConfig, candidates: usize, with_rating: bool, dev: &Device) -> Result<(EvalReport, Models), TrainError> {
+pub fn evaluate(
+    ds: &Dataset,
+    text: &[Vec<f32>],
+    cfg: &TrainConfig,
+    candidates: usize,
+    with_rating: bool,
+    dev: &Device,
+) -> Result<(EvalReport, Models), TrainError> {
     let t0 = Instant::now();
     let (ranking, models) = eval::ranking_protocol(ds, text, cfg, candidates, dev)?;
-    let rating = if with_rating { Some(eval::rating_protocol(ds, text, cfg, dev)?) } else { None };
+    let rating = if with_rating {
+        Some(eval::rating_protocol(ds, text, cfg, dev)?)
+    } else {
+        None
+    };
     Ok((
         EvalReport {
             dataset_checksum: ds.checksum.clone(),
@@ -106,8 +127,20 @@ pub struct ServingConfig {
 
 /// Write a sealed, versioned artifact directory under `root`; returns its path.
 /// Everything is written to a temporary sibling first and renamed into place.
-pub fn write_artifact(root: &Path, ds: &Dataset, text: &[Vec<f32>], models: &Models, report: &EvalReport, cfg: &TrainConfig, candidates: usize, index: IndexParams) -> Result<(PathBuf, Manifest), TrainError> {
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+pub fn write_artifact(
+    root: &Path,
+    ds: &Dataset,
+    text: &[Vec<f32>],
+    models: &Models,
+    report: &EvalReport,
+    cfg: &TrainConfig,
+    candidates: usize,
+    index: IndexParams,
+) -> Result<(PathBuf, Manifest), TrainError> {
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let version = format!("{created:012}-{}", &ds.checksum[..8.min(ds.checksum.len())]);
     let dest = root.join(&version);
     let dim = cfg.two_tower.dim;
@@ -116,10 +149,26 @@ pub fn write_artifact(root: &Path, ds: &Dataset, text: &[Vec<f32>], models: &Mod
         let p = |name: &str| dir.join(name);
         models.two_tower.varmap.save(p("two_tower.safetensors"))?;
         models.ranker.varmap.save(p("ranker.safetensors"))?;
-        let items = Tensor::from_vec(models.item_vecs.clone(), (ds.items.len(), dim), &Device::Cpu)?;
-        candle_core::safetensors::save(&[("two_tower", items), ("text", to_tensor(text)?)].into_iter().collect(), p("item_vectors.safetensors"))?;
+        let items = Tensor::from_vec(
+            models.item_vecs.clone(),
+            (ds.items.len(), dim),
+            &Device::Cpu,
+        )?;
+        candle_core::safetensors::save(
+            &[("two_tower", items), ("text", to_tensor(text)?)]
+                .into_iter()
+                .collect(),
+            p("item_vectors.safetensors"),
+        )?;
         write_json(&p("features.json"), &models.space)?;
-        write_json(&p("serving.json"), &ServingConfig { train: cfg.clone(), cascade_rating_weight: models.cascade_rating_weight, candidates })?;
+        write_json(
+            &p("serving.json"),
+            &ServingConfig {
+                train: cfg.clone(),
+                cascade_rating_weight: models.cascade_rating_weight,
+                candidates,
+            },
+        )?;
         write_json(&p("metrics.json"), report)?;
         let mut curves = report.ranking.curves.clone();
         if let Some(r) = &report.rating {
@@ -129,10 +178,22 @@ pub fn write_artifact(root: &Path, ds: &Dataset, text: &[Vec<f32>], models: &Mod
             }));
         }
         crate::plot::write_curves(&p("loss_curves.svg"), &curves)?;
-        let esc = |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+        let esc = |s: &str| {
+            if s.contains([',', '"', '\n']) {
+                format!("\"{}\"", s.replace('"', "\"\""))
+            } else {
+                s.to_string()
+            }
+        };
         let mut out = String::from("item_id,title,year,genres\n");
         for it in &ds.items {
-            out.push_str(&format!("{},{},{},{}\n", esc(&it.id), esc(&it.title), it.year.map(|y| y.to_string()).unwrap_or_default(), esc(&it.genres.join("|"))));
+            out.push_str(&format!(
+                "{},{},{},{}\n",
+                esc(&it.id),
+                esc(&it.title),
+                it.year.map(|y| y.to_string()).unwrap_or_default(),
+                esc(&it.genres.join("|"))
+            ));
         }
         std::fs::write(p("items.csv"), out).map_err(|e| TrainError::io(dir, e))?;
 
@@ -140,11 +201,20 @@ pub fn write_artifact(root: &Path, ds: &Dataset, text: &[Vec<f32>], models: &Mod
         let vectors: Vec<Vec<f32>> = models.item_vecs.chunks(dim).map(<[f32]>::to_vec).collect();
         let idx = ItemIndex::build(&vectors, index)?;
         let build_s = t0.elapsed().as_secs_f64();
-        let queries: Vec<Vec<f32>> = models.user_vecs.chunks(dim).take(1000).map(<[f32]>::to_vec).collect();
+        let queries: Vec<Vec<f32>> = models
+            .user_vecs
+            .chunks(dim)
+            .take(1000)
+            .map(<[f32]>::to_vec)
+            .collect();
         let recall = recall_at_k(&idx, &vectors, &queries, 100.min(vectors.len()));
-        tracing::info!("HNSW over {} items built in {build_s:.2}s; recall@100 vs exact = {recall:.4}", vectors.len());
+        tracing::info!(
+            "HNSW over {} items built in {build_s:.2}s; recall@100 vs exact = {recall:.4}",
+            vectors.len()
+        );
         idx.save(dir)?;
-        let mut metrics = serde_json::to_value(summary(report)).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let mut metrics = serde_json::to_value(summary(report))
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
         metrics["hnsw_build_seconds"] = build_s.into();
         manifest = Some(
             Manifest {
@@ -211,23 +281,57 @@ impl Artifact {
     /// Verify checksums and dimensions, then load every part. Any mismatch is an error.
     pub fn load(dir: &Path, dev: &Device) -> Result<Self, TrainError> {
         let manifest = Manifest::verify(dir)?;
-        let corrupt = |msg: String| TrainError::Model(cascade_model::ModelError::Corrupt { path: dir.to_path_buf(), msg });
-        let read = |name: &str| -> Result<String, TrainError> { std::fs::read_to_string(dir.join(name)).map_err(|e| TrainError::io(&dir.join(name), e)) };
-        let space: FeatureSpace = serde_json::from_str(&read("features.json")?).map_err(|e| corrupt(format!("features.json: {e}")))?;
-        let serving: ServingConfig = serde_json::from_str(&read("serving.json")?).map_err(|e| corrupt(format!("serving.json: {e}")))?;
-        if space.dims.num_items != manifest.num_items || space.dims.num_users != manifest.num_users || serving.train.two_tower.dim != manifest.embedding_dim || space.dims.text_dim != manifest.text_dim {
-            return Err(corrupt("features.json / serving.json dimensions disagree with manifest.json".into()));
+        let corrupt = |msg: String| {
+            TrainError::Model(cascade_model::ModelError::Corrupt {
+                path: dir.to_path_buf(),
+                msg,
+            })
+        };
+        let read = |name: &str| -> Result<String, TrainError> {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| TrainError::io(&dir.join(name), e))
+        };
+        let space: FeatureSpace = serde_json::from_str(&read("features.json")?)
+            .map_err(|e| corrupt(format!("features.json: {e}")))?;
+        let serving: ServingConfig = serde_json::from_str(&read("serving.json")?)
+            .map_err(|e| corrupt(format!("serving.json: {e}")))?;
+        if space.dims.num_items != manifest.num_items
+            || space.dims.num_users != manifest.num_users
+            || serving.train.two_tower.dim != manifest.embedding_dim
+            || space.dims.text_dim != manifest.text_dim
+        {
+            return Err(corrupt(
+                "features.json / serving.json dimensions disagree with manifest.json".into(),
+            ));
         }
         let load_vb = |name: &str| -> Result<VarBuilder<'static>, TrainError> {
             // SAFETY: artifact files are immutable once sealed; they are mapped read-only.
             Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join(name)], DType::F32, dev)? })
         };
-        let two_tower = TwoTower::new(load_vb("two_tower.safetensors")?, &space.dims, &serving.train.two_tower).map_err(|e| corrupt(format!("two_tower.safetensors: {e}")))?;
-        let ranker = Ranker::new(load_vb("ranker.safetensors")?, &space.dims, &serving.train.ranker, space.global_mean_rating).map_err(|e| corrupt(format!("ranker.safetensors: {e}")))?;
-        let tensors = candle_core::safetensors::load(dir.join("item_vectors.safetensors"), &Device::Cpu)?;
-        let tt = tensors.get("two_tower").ok_or_else(|| corrupt("item_vectors.safetensors lacks `two_tower`".into()))?;
+        let two_tower = TwoTower::new(
+            load_vb("two_tower.safetensors")?,
+            &space.dims,
+            &serving.train.two_tower,
+        )
+        .map_err(|e| corrupt(format!("two_tower.safetensors: {e}")))?;
+        let ranker = Ranker::new(
+            load_vb("ranker.safetensors")?,
+            &space.dims,
+            &serving.train.ranker,
+            space.global_mean_rating,
+        )
+        .map_err(|e| corrupt(format!("ranker.safetensors: {e}")))?;
+        let tensors =
+            candle_core::safetensors::load(dir.join("item_vectors.safetensors"), &Device::Cpu)?;
+        let tt = tensors
+            .get("two_tower")
+            .ok_or_else(|| corrupt("item_vectors.safetensors lacks `two_tower`".into()))?;
         if tt.dims() != [manifest.num_items, manifest.embedding_dim] {
-            return Err(corrupt(format!("item vectors have shape {:?}, manifest says [{}, {}]", tt.dims(), manifest.num_items, manifest.embedding_dim)));
+            return Err(corrupt(format!(
+                "item vectors have shape {:?}, manifest says [{}, {}]",
+                tt.dims(),
+                manifest.num_items,
+                manifest.embedding_dim
+            )));
         }
         let item_vectors: Vec<Vec<f32>> = tt.to_vec2()?;
         let params = IndexParams {
@@ -238,8 +342,20 @@ impl Artifact {
         };
         let index = ItemIndex::load(dir, params)?;
         if index.len != manifest.num_items || index.dim != manifest.embedding_dim {
-            return Err(corrupt(format!("HNSW holds {} vectors of dim {}, manifest says {} of {}", index.len, index.dim, manifest.num_items, manifest.embedding_dim)));
+            return Err(corrupt(format!(
+                "HNSW holds {} vectors of dim {}, manifest says {} of {}",
+                index.len, index.dim, manifest.num_items, manifest.embedding_dim
+            )));
         }
-        Ok(Self { dir: dir.to_path_buf(), manifest, space, serving, two_tower, ranker, item_vectors, index })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            space,
+            serving,
+            two_tower,
+            ranker,
+            item_vectors,
+            index,
+        })
     }
 }

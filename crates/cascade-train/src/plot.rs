@@ -24,7 +24,13 @@ pub fn write_curves(path: &Path, curves: &[Curve]) -> Result<(), TrainError> {
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let rows = root.split_evenly((curves.len().max(1), 2));
     for (r, c) in curves.iter().enumerate() {
-        for (col, (ys, label)) in [(&c.train_loss, "train loss".to_string()), (&c.valid_metric, c.valid_metric_name.clone())].into_iter().enumerate() {
+        for (col, (ys, label)) in [
+            (&c.train_loss, "train loss".to_string()),
+            (&c.valid_metric, c.valid_metric_name.clone()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let area = &rows[r * 2 + col];
             let (lo, hi) = series_range(ys);
             let mut chart = ChartBuilder::on(area)
@@ -34,9 +40,16 @@ pub fn write_curves(path: &Path, curves: &[Curve]) -> Result<(), TrainError> {
                 .y_label_area_size(50)
                 .build_cartesian_2d(0f64..(ys.len().max(2) - 1) as f64, lo..hi)
                 .map_err(|e| err(e.to_string()))?;
-            chart.configure_mesh().x_desc("epoch").draw().map_err(|e| err(e.to_string()))?;
             chart
-                .draw_series(LineSeries::new(ys.iter().enumerate().map(|(i, y)| (i as f64, *y)), &BLUE))
+                .configure_mesh()
+                .x_desc("epoch")
+                .draw()
+                .map_err(|e| err(e.to_string()))?;
+            chart
+                .draw_series(LineSeries::new(
+                    ys.iter().enumerate().map(|(i, y)| (i as f64, *y)),
+                    &BLUE,
+                ))
                 .map_err(|e| err(e.to_string()))?;
         }
     }

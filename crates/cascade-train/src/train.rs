@@ -90,7 +90,9 @@ fn progress(show: bool, steps: u64, name: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(steps);
-    if let Ok(style) = ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
+    {
         pb.set_style(style.progress_chars("=> "));
     }
     pb.set_prefix(name.to_string());
@@ -98,12 +100,20 @@ fn progress(show: bool, steps: u64, name: &str) -> ProgressBar {
 }
 
 fn snapshot(vm: &VarMap) -> Result<Vec<(String, Tensor)>, TrainError> {
-    let data = vm.data().lock().map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
-    data.iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect()
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
+    data.iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+        .collect()
 }
 
 fn restore(vm: &VarMap, snap: &[(String, Tensor)]) -> Result<(), TrainError> {
-    let data = vm.data().lock().map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
     for (k, t) in snap {
         if let Some(v) = data.get(k) {
             v.set(t)?;
@@ -136,10 +146,17 @@ pub struct TrainedTwoTower {
 }
 
 /// All users' and all items' tower outputs: `([users, dim], [items, dim])`.
-pub fn tower_embeddings(model: &TwoTower, tables: &Tables, dev: &Device) -> Result<(Tensor, Tensor), TrainError> {
+pub fn tower_embeddings(
+    model: &TwoTower,
+    tables: &Tables,
+    dev: &Device,
+) -> Result<(Tensor, Tensor), TrainError> {
     let n_users = tables.user_ids.dim(0)?;
     let all = Tensor::arange(0u32, n_users as u32, dev)?;
-    Ok((model.user(&tables.users(&all)?)?, model.item(&tables.items)?))
+    Ok((
+        model.user(&tables.users(&all)?)?,
+        model.item(&tables.items)?,
+    ))
 }
 
 /// Two-tower retriever with a softmax over the full catalogue (every item is a
@@ -156,13 +173,24 @@ pub fn train_two_tower(
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
     let model = TwoTower::new(vb, &space.dims, &cfg.two_tower)?;
     cascade_model::nn::seeded_init(&varmap, cfg.seed)?;
-    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: cfg.tt_lr, weight_decay: 0.0, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: cfg.tt_lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1));
     let mut order: Vec<usize> = (0..train.len()).collect();
     let steps = train.len().div_ceil(cfg.tt_batch);
     let pb = progress(cfg.progress, (steps * cfg.tt_epochs) as u64, "two-tower");
     let inv_t = 1.0 / cfg.two_tower.temperature;
-    let mut curve = Curve { model: "two_tower".into(), valid_metric_name: "valid Recall@10".into(), ..Default::default() };
+    let mut curve = Curve {
+        model: "two_tower".into(),
+        valid_metric_name: "valid Recall@10".into(),
+        ..Default::default()
+    };
     let (mut best, mut best_snap, mut since_best) = (f64::NEG_INFINITY, None, 0);
     let n_items = space.dims.num_items;
     let n_users = space.dims.num_users;
@@ -206,7 +234,11 @@ pub fn train_two_tower(
     if let Some(s) = best_snap {
         restore(&varmap, &s)?;
     }
-    Ok(TrainedTwoTower { varmap, model, curve })
+    Ok(TrainedTwoTower {
+        varmap,
+        model,
+        curve,
+    })
 }
 
 pub struct TrainedRanker {
@@ -232,13 +264,26 @@ pub struct RankerData<'a> {
 impl RankerData<'_> {
     pub fn tt_score(&self, u: u32, i: u32) -> f32 {
         let (a, b) = (u as usize * self.dim, i as usize * self.dim);
-        self.user_vecs[a..a + self.dim].iter().zip(&self.item_vecs[b..b + self.dim]).map(|(x, y)| x * y).sum()
+        self.user_vecs[a..a + self.dim]
+            .iter()
+            .zip(&self.item_vecs[b..b + self.dim])
+            .map(|(x, y)| x * y)
+            .sum()
     }
 
     /// Each positive with one hard negative (from the retriever's pool) and one uniform negative.
-    fn rows(&self, positives: &[(u32, u32, f32)], n_items: usize, rng: &mut ChaCha8Rng) -> (Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>) {
+    fn rows(
+        &self,
+        positives: &[(u32, u32, f32)],
+        n_items: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> (Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>) {
         let b = positives.len();
-        let (mut us, mut is, mut labels) = (Vec::with_capacity(3 * b), Vec::with_capacity(3 * b), Vec::with_capacity(3 * b));
+        let (mut us, mut is, mut labels) = (
+            Vec::with_capacity(3 * b),
+            Vec::with_capacity(3 * b),
+            Vec::with_capacity(3 * b),
+        );
         for &(u, i, _) in positives {
             us.push(u);
             is.push(i);
@@ -246,7 +291,11 @@ impl RankerData<'_> {
         }
         for &(u, _, _) in positives {
             let pool = &self.hard_pool[u as usize];
-            let neg = if pool.is_empty() { rng.random_range(0..n_items as u32) } else { pool[rng.random_range(0..pool.len())] };
+            let neg = if pool.is_empty() {
+                rng.random_range(0..n_items as u32)
+            } else {
+                pool[rng.random_range(0..pool.len())]
+            };
             us.push(u);
             is.push(neg);
             labels.push(0.0);
@@ -263,13 +312,23 @@ impl RankerData<'_> {
             is.push(neg);
             labels.push(0.0);
         }
-        let tt = us.iter().zip(&is).map(|(&u, &i)| self.tt_score(u, i)).collect();
+        let tt = us
+            .iter()
+            .zip(&is)
+            .map(|(&u, &i)| self.tt_score(u, i))
+            .collect();
         (us, is, tt, labels)
     }
 }
 
 /// One ranker step's loss: MSE on the positives' ratings + BCE on engagement.
-fn ranker_loss(model: &Ranker, tables: &Tables, rows: &(Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>), ratings: &[f32], dev: &Device) -> Result<(Tensor, Tensor), TrainError> {
+fn ranker_loss(
+    model: &Ranker,
+    tables: &Tables,
+    rows: &(Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>),
+    ratings: &[f32],
+    dev: &Device,
+) -> Result<(Tensor, Tensor), TrainError> {
     let n = rows.0.len();
     let b = ratings.len();
     let uidx = Tensor::from_vec(rows.0.clone(), n, dev)?;
@@ -278,7 +337,11 @@ fn ranker_loss(model: &Ranker, tables: &Tables, rows: &(Vec<u32>, Vec<u32>, Vec<
     let labels = Tensor::from_vec(rows.3.clone(), n, dev)?;
     let users = tables.users(&uidx)?;
     let items = tables.items.select(&iidx)?;
-    let out = model.forward(&PairInputs { user: &users, item: &items, tt_score: &tt })?;
+    let out = model.forward(&PairInputs {
+        user: &users,
+        item: &items,
+        tt_score: &tt,
+    })?;
     let target = Tensor::from_vec(ratings.to_vec(), b, dev)?;
     let mse = candle_nn::loss::mse(&out.rating.narrow(0, 0, b)?, &target)?;
     let bce = candle_nn::loss::binary_cross_entropy_with_logit(&out.engage, &labels)?;
@@ -299,7 +362,11 @@ pub fn train_ranker(
     cascade_model::nn::seeded_init(&varmap, cfg.seed.wrapping_add(7))?;
     let mut opt = AdamW::new(
         varmap.all_vars(),
-        ParamsAdamW { lr: cfg.ranker_lr, weight_decay: cfg.ranker_weight_decay, ..Default::default() },
+        ParamsAdamW {
+            lr: cfg.ranker_lr,
+            weight_decay: cfg.ranker_weight_decay,
+            ..Default::default()
+        },
     )?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(2));
     // A fixed validation batch (negatives drawn once) so epochs are comparable.
@@ -309,7 +376,11 @@ pub fn train_ranker(
     let mut order: Vec<usize> = (0..data.train.len()).collect();
     let steps = data.train.len().div_ceil(cfg.ranker_batch);
     let pb = progress(cfg.progress, (steps * cfg.ranker_epochs) as u64, "ranker");
-    let mut curve = Curve { model: "ranker".into(), valid_metric_name: "valid MSE + BCE".into(), ..Default::default() };
+    let mut curve = Curve {
+        model: "ranker".into(),
+        valid_metric_name: "valid MSE + BCE".into(),
+        ..Default::default()
+    };
     let (mut best, mut best_snap, mut since_best) = (f64::INFINITY, None, 0);
     for epoch in 0..cfg.ranker_epochs {
         order.shuffle(&mut rng);
@@ -350,20 +421,44 @@ pub fn train_ranker(
     if let Some(s) = best_snap {
         restore(&varmap, &s)?;
     }
-    Ok(TrainedRanker { varmap, model, curve })
+    Ok(TrainedRanker {
+        varmap,
+        model,
+        curve,
+    })
 }
 
 /// Score (user, item) pairs with the ranker: `(rating, engagement logit)`.
-pub fn ranker_scores(model: &Ranker, tables: &Tables, data: &RankerData, pairs: &[(u32, u32)], dev: &Device) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
-    let (mut rating, mut engage) = (Vec::with_capacity(pairs.len()), Vec::with_capacity(pairs.len()));
+pub fn ranker_scores(
+    model: &Ranker,
+    tables: &Tables,
+    data: &RankerData,
+    pairs: &[(u32, u32)],
+    dev: &Device,
+) -> Result<(Vec<f32>, Vec<f32>), TrainError> {
+    let (mut rating, mut engage) = (
+        Vec::with_capacity(pairs.len()),
+        Vec::with_capacity(pairs.len()),
+    );
     for chunk in pairs.chunks(8192) {
         let n = chunk.len();
         let uidx = Tensor::from_vec(chunk.iter().map(|p| p.0).collect::<Vec<_>>(), n, dev)?;
         let iidx = Tensor::from_vec(chunk.iter().map(|p| p.1).collect::<Vec<_>>(), n, dev)?;
-        let tt = Tensor::from_vec(chunk.iter().map(|p| data.tt_score(p.0, p.1)).collect::<Vec<_>>(), (n, 1), dev)?;
+        let tt = Tensor::from_vec(
+            chunk
+                .iter()
+                .map(|p| data.tt_score(p.0, p.1))
+                .collect::<Vec<_>>(),
+            (n, 1),
+            dev,
+        )?;
         let users = tables.users(&uidx)?;
         let items = tables.items.select(&iidx)?;
-        let out = model.forward(&PairInputs { user: &users, item: &items, tt_score: &tt })?;
+        let out = model.forward(&PairInputs {
+            user: &users,
+            item: &items,
+            tt_score: &tt,
+        })?;
         rating.extend(out.rating.to_vec1::<f32>()?);
         engage.extend(out.engage.to_vec1::<f32>()?);
     }
@@ -377,20 +472,38 @@ pub struct TrainedBpr {
 }
 
 /// Plain MF with the BPR loss and uniform negatives — the baseline row.
-pub fn train_bpr(space: &FeatureSpace, train: &[(u32, u32)], seen: &[HashSet<u32>], holdout: &Holdout, cfg: &TrainConfig, dev: &Device) -> Result<TrainedBpr, TrainError> {
+pub fn train_bpr(
+    space: &FeatureSpace,
+    train: &[(u32, u32)],
+    seen: &[HashSet<u32>],
+    holdout: &Holdout,
+    cfg: &TrainConfig,
+    dev: &Device,
+) -> Result<TrainedBpr, TrainError> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
     let (nu, ni) = (space.dims.num_users, space.dims.num_items);
     let model = BprMf::new(vb, nu, ni, cfg.bpr_dim)?;
     cascade_model::nn::seeded_init(&varmap, cfg.seed.wrapping_add(11))?;
     let vars: Vec<Var> = varmap.all_vars();
-    let mut opt = AdamW::new(vars, ParamsAdamW { lr: cfg.bpr_lr, weight_decay: 0.0, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: cfg.bpr_lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(4));
     let mut order: Vec<usize> = (0..train.len()).collect();
     let batch = 2048;
     let steps = train.len().div_ceil(batch);
     let pb = progress(cfg.progress, (steps * cfg.bpr_epochs) as u64, "bpr");
-    let mut curve = Curve { model: "bpr".into(), valid_metric_name: "valid Recall@10".into(), ..Default::default() };
+    let mut curve = Curve {
+        model: "bpr".into(),
+        valid_metric_name: "valid Recall@10".into(),
+        ..Default::default()
+    };
     let (mut best, mut best_snap, mut since_best) = (f64::NEG_INFINITY, None, 0);
     for epoch in 0..cfg.bpr_epochs {
         order.shuffle(&mut rng);
@@ -409,10 +522,19 @@ pub fn train_bpr(space: &FeatureSpace, train: &[(u32, u32)], seen: &[HashSet<u32
                     j
                 })
                 .collect();
-            let (u, p, q) = (Tensor::from_vec(users, n, dev)?, Tensor::from_vec(pos, n, dev)?, Tensor::from_vec(neg, n, dev)?);
+            let (u, p, q) = (
+                Tensor::from_vec(users, n, dev)?,
+                Tensor::from_vec(pos, n, dev)?,
+                Tensor::from_vec(neg, n, dev)?,
+            );
             let diff = (model.score(&u, &p)? - model.score(&u, &q)?)?;
-            let bpr = candle_nn::ops::sigmoid(&diff)?.clamp(1e-10, 1.0)?.log()?.mean_all()?.neg()?;
-            let reg = ((model.user.forward_sq(&u)? + model_item_sq(&model, &p)?)? + model_item_sq(&model, &q)?)?;
+            let bpr = candle_nn::ops::sigmoid(&diff)?
+                .clamp(1e-10, 1.0)?
+                .log()?
+                .mean_all()?
+                .neg()?;
+            let reg = ((model.user.forward_sq(&u)? + model_item_sq(&model, &p)?)?
+                + model_item_sq(&model, &q)?)?;
             let loss = (bpr + (reg * cfg.bpr_l2)?)?;
             opt.backward_step(&loss)?;
             total += loss.to_scalar::<f32>()? as f64;
@@ -442,7 +564,11 @@ pub fn train_bpr(space: &FeatureSpace, train: &[(u32, u32)], seen: &[HashSet<u32
     if let Some(s) = best_snap {
         restore(&varmap, &s)?;
     }
-    Ok(TrainedBpr { varmap, model, curve })
+    Ok(TrainedBpr {
+        varmap,
+        model,
+        curve,
+    })
 }
 
 /// Squared L2 norm of the gathered rows, summed over the row and averaged over the batch.

@@ -24,7 +24,13 @@ fn small_cfg() -> TrainConfig {
 
 /// Deterministic pseudo-text vectors (no text model in this test).
 fn fake_text(ds: &Dataset) -> Vec<Vec<f32>> {
-    (0..ds.items.len()).map(|i| (0..8).map(|j| (((i * 31 + j * 17) % 13) as f32 / 13.0) - 0.5).collect()).collect()
+    (0..ds.items.len())
+        .map(|i| {
+            (0..8)
+                .map(|j| (((i * 31 + j * 17) % 13) as f32 / 13.0) - 0.5)
+                .collect()
+        })
+        .collect()
 }
 
 #[test]
@@ -35,33 +41,76 @@ fn learns_planted_structure_and_is_deterministic() {
     let (report, _) = pipeline::evaluate(&ds, &text, &cfg, 50, true, &Device::Cpu).unwrap();
     let r = &report.ranking;
     let random_recall = 10.0 / 300.0;
-    eprintln!("{}", serde_json::to_string_pretty(&pipeline::summary(&report)).unwrap());
-    assert!(r.two_tower.recall_at_10 > 2.0 * r.popularity.recall_at_10, "two-tower {:?} vs popularity {:?}", r.two_tower, r.popularity);
-    assert!(r.two_tower.recall_at_10 > 3.0 * random_recall, "two-tower {:?}", r.two_tower);
-    assert!(r.cascade.ndcg_at_10 > 2.0 * r.popularity.ndcg_at_10, "cascade {:?} vs popularity {:?}", r.cascade, r.popularity);
-    assert!(r.bpr.recall_at_10 > r.popularity.recall_at_10, "bpr {:?}", r.bpr);
+    eprintln!(
+        "{}",
+        serde_json::to_string_pretty(&pipeline::summary(&report)).unwrap()
+    );
+    assert!(
+        r.two_tower.recall_at_10 > 2.0 * r.popularity.recall_at_10,
+        "two-tower {:?} vs popularity {:?}",
+        r.two_tower,
+        r.popularity
+    );
+    assert!(
+        r.two_tower.recall_at_10 > 3.0 * random_recall,
+        "two-tower {:?}",
+        r.two_tower
+    );
+    assert!(
+        r.cascade.ndcg_at_10 > 2.0 * r.popularity.ndcg_at_10,
+        "cascade {:?} vs popularity {:?}",
+        r.cascade,
+        r.popularity
+    );
+    assert!(
+        r.bpr.recall_at_10 > r.popularity.recall_at_10,
+        "bpr {:?}",
+        r.bpr
+    );
 
     // Rating head: clearly better than predicting the mean.
     let ratings: Vec<f32> = ds.interactions.iter().map(|x| x.rating).collect();
     let mean = ratings.iter().sum::<f32>() / ratings.len() as f32;
-    let std = (ratings.iter().map(|r| (r - mean).powi(2)).sum::<f32>() / ratings.len() as f32).sqrt() as f64;
+    let std = (ratings.iter().map(|r| (r - mean).powi(2)).sum::<f32>() / ratings.len() as f32)
+        .sqrt() as f64;
     let rmse = report.rating.as_ref().unwrap().rmse;
     assert!(rmse < 0.8 * std, "rmse {rmse} vs mean-predictor ~{std}");
 
     // Same seed, same numbers.
     let (again, _) = pipeline::evaluate(&ds, &text, &cfg, 50, false, &Device::Cpu).unwrap();
-    assert_eq!(pipeline::summary(&again)["two_tower"], pipeline::summary(&report)["two_tower"]);
-    assert_eq!(pipeline::summary(&again)["cascade"], pipeline::summary(&report)["cascade"]);
+    assert_eq!(
+        pipeline::summary(&again)["two_tower"],
+        pipeline::summary(&report)["two_tower"]
+    );
+    assert_eq!(
+        pipeline::summary(&again)["cascade"],
+        pipeline::summary(&report)["cascade"]
+    );
 }
 
 #[test]
 fn artifact_round_trip_and_corruption() {
     let ds = planted(60, 90, 3, 15, 2);
     let text = fake_text(&ds);
-    let cfg = TrainConfig { tt_epochs: 2, ranker_epochs: 2, bpr_epochs: 2, ..small_cfg() };
+    let cfg = TrainConfig {
+        tt_epochs: 2,
+        ranker_epochs: 2,
+        bpr_epochs: 2,
+        ..small_cfg()
+    };
     let (report, models) = pipeline::evaluate(&ds, &text, &cfg, 20, false, &Device::Cpu).unwrap();
     let root = tempfile::tempdir().unwrap();
-    let (dir, manifest) = pipeline::write_artifact(root.path(), &ds, &text, &models, &report, &cfg, 20, IndexParams::default()).unwrap();
+    let (dir, manifest) = pipeline::write_artifact(
+        root.path(),
+        &ds,
+        &text,
+        &models,
+        &report,
+        &cfg,
+        20,
+        IndexParams::default(),
+    )
+    .unwrap();
     assert!(manifest.files.contains_key("ranker.safetensors"));
     assert!(manifest.files.contains_key("items.hnsw.graph"));
     assert!(dir.join("loss_curves.svg").exists());
@@ -75,7 +124,10 @@ fn artifact_round_trip_and_corruption() {
     assert_eq!(flat, models.item_vecs);
     let hits = a.index.search(&a.item_vectors[5], 1, None);
     assert_eq!(hits[0].item, 5, "an item is its own nearest neighbour");
-    assert_eq!(cascade_model::artifact::latest_version(root.path()).unwrap(), dir);
+    assert_eq!(
+        cascade_model::artifact::latest_version(root.path()).unwrap(),
+        dir
+    );
 
     // Flip one byte of the ranker weights: refused, naming the file.
     let victim = dir.join("ranker.safetensors");
@@ -83,8 +135,14 @@ fn artifact_round_trip_and_corruption() {
     let n = bytes.len();
     bytes[n - 3] ^= 0xff;
     std::fs::write(&victim, &bytes).unwrap();
-    let e = Artifact::load(&dir, &Device::Cpu).err().expect("corrupt artifact must not load").to_string();
-    assert!(e.contains("ranker.safetensors") && e.contains("sha256"), "{e}");
+    let e = Artifact::load(&dir, &Device::Cpu)
+        .err()
+        .expect("corrupt artifact must not load")
+        .to_string();
+    assert!(
+        e.contains("ranker.safetensors") && e.contains("sha256"),
+        "{e}"
+    );
     bytes[n - 3] ^= 0xff;
     std::fs::write(&victim, &bytes).unwrap();
     Artifact::load(&dir, &Device::Cpu).unwrap();
@@ -93,14 +151,27 @@ fn artifact_round_trip_and_corruption() {
     let graph = dir.join("items.hnsw.graph");
     let saved = std::fs::read(&graph).unwrap();
     std::fs::remove_file(&graph).unwrap();
-    let e = Artifact::load(&dir, &Device::Cpu).err().expect("missing file").to_string();
-    assert!(e.contains("items.hnsw.graph") && e.contains("missing"), "{e}");
+    let e = Artifact::load(&dir, &Device::Cpu)
+        .err()
+        .expect("missing file")
+        .to_string();
+    assert!(
+        e.contains("items.hnsw.graph") && e.contains("missing"),
+        "{e}"
+    );
     std::fs::write(&graph, saved).unwrap();
 
     // A manifest from another format version is refused.
     let mpath = dir.join("manifest.json");
     let text = std::fs::read_to_string(&mpath).unwrap();
-    std::fs::write(&mpath, text.replace("\"format_version\": 1", "\"format_version\": 99")).unwrap();
-    let e = Artifact::load(&dir, &Device::Cpu).err().expect("wrong version").to_string();
+    std::fs::write(
+        &mpath,
+        text.replace("\"format_version\": 1", "\"format_version\": 99"),
+    )
+    .unwrap();
+    let e = Artifact::load(&dir, &Device::Cpu)
+        .err()
+        .expect("wrong version")
+        .to_string();
     assert!(e.contains("format_version 99"), "{e}");
 }

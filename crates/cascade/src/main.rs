@@ -12,7 +12,11 @@ use cascade_train::train::TrainConfig;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cascade", version, about = "Cascade: a retrieval-and-ranking engine for recommendations")]
+#[command(
+    name = "cascade",
+    version,
+    about = "Cascade: a retrieval-and-ranking engine for recommendations"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -84,7 +88,10 @@ struct TrainArgs {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,hnsw_rs=warn,anndists=warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,hnsw_rs=warn,anndists=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
@@ -123,28 +130,71 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
     let t0 = Instant::now();
     let dev = cascade_model::select_device(&a.device)?;
     let ds = Dataset::load(&a.data)?;
-    eprintln!("dataset {}: {} interactions, {} users, {} items", a.data.display(), ds.interactions.len(), ds.users.len(), ds.items.len());
+    eprintln!(
+        "dataset {}: {} interactions, {} users, {} items",
+        a.data.display(),
+        ds.interactions.len(),
+        ds.users.len(),
+        ds.items.len()
+    );
     let te = Instant::now();
-    let text = pipeline::embed_items(&ds, &a.minilm, Some(&a.cache), !a.quiet, &dev)
-        .with_context(|| format!("embedding item text with the model in {}", a.minilm.display()))?;
-    eprintln!("text embeddings: {} x {} in {:.1}s", text.len(), text.first().map(Vec::len).unwrap_or(0), te.elapsed().as_secs_f64());
-    let cfg = TrainConfig { seed: a.seed, progress: !a.quiet, ..Default::default() };
-    let (report, models) = pipeline::evaluate(&ds, &text, &cfg, a.candidates, !a.skip_rating_eval, &dev)?;
+    let text = pipeline::embed_items(&ds, &a.minilm, Some(&a.cache), !a.quiet, &dev).with_context(
+        || {
+            format!(
+                "embedding item text with the model in {}",
+                a.minilm.display()
+            )
+        },
+    )?;
+    eprintln!(
+        "text embeddings: {} x {} in {:.1}s",
+        text.len(),
+        text.first().map(Vec::len).unwrap_or(0),
+        te.elapsed().as_secs_f64()
+    );
+    let cfg = TrainConfig {
+        seed: a.seed,
+        progress: !a.quiet,
+        ..Default::default()
+    };
+    let (report, models) =
+        pipeline::evaluate(&ds, &text, &cfg, a.candidates, !a.skip_rating_eval, &dev)?;
     print_report(&report);
     if let Some(p) = &a.report {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if write {
-        let (dir, m) = pipeline::write_artifact(&a.artifacts, &ds, &text, &models, &report, &cfg, a.candidates, IndexParams::default())?;
-        println!("artifact {} written to {} (HNSW recall@100 vs exact: {:.4})", m.model_version, dir.display(), m.hnsw.recall_at_100);
+        let (dir, m) = pipeline::write_artifact(
+            &a.artifacts,
+            &ds,
+            &text,
+            &models,
+            &report,
+            &cfg,
+            a.candidates,
+            IndexParams::default(),
+        )?;
+        println!(
+            "artifact {} written to {} (HNSW recall@100 vs exact: {:.4})",
+            m.model_version,
+            dir.display(),
+            m.hnsw.recall_at_100
+        );
     }
     println!("total {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
 fn print_report(r: &pipeline::EvalReport) {
-    println!("\nRanking protocol: per-user random 80/10/10, full ranking, seed {} ({} users)", r.seed, r.ranking.users_evaluated);
-    println!("{:<28} {:>10} {:>10} {:>10}", "model", "Recall@10", "NDCG@10", "Hit@10");
+    println!(
+        "\nRanking protocol: per-user random 80/10/10, full ranking, seed {} ({} users)",
+        r.seed, r.ranking.users_evaluated
+    );
+    println!(
+        "{:<28} {:>10} {:>10} {:>10}",
+        "model", "Recall@10", "NDCG@10", "Hit@10"
+    );
     let rows = [
         ("popularity", r.ranking.popularity),
         ("BPR-MF", r.ranking.bpr),
@@ -152,9 +202,15 @@ fn print_report(r: &pipeline::EvalReport) {
         ("cascade (retrieve + rank)", r.ranking.cascade),
     ];
     for (name, m) in rows {
-        println!("{name:<28} {:>10.4} {:>10.4} {:>10.4}", m.recall_at_10, m.ndcg_at_10, m.hit_at_10);
+        println!(
+            "{name:<28} {:>10.4} {:>10.4} {:>10.4}",
+            m.recall_at_10, m.ndcg_at_10, m.hit_at_10
+        );
     }
-    println!("cascade: top {} candidates, rating weight {} (chosen on validation)", r.ranking.cascade_candidates, r.ranking.cascade_rating_weight);
+    println!(
+        "cascade: top {} candidates, rating weight {} (chosen on validation)",
+        r.ranking.cascade_candidates, r.ranking.cascade_rating_weight
+    );
     if let Some(x) = &r.rating {
         println!("\nRating protocol: random 90/10, seed {}: ranker RMSE {:.4}  MAE {:.4} ({} test ratings)", r.seed, x.rmse, x.mae, x.test_ratings);
     }
@@ -162,7 +218,11 @@ fn print_report(r: &pipeline::EvalReport) {
 }
 
 fn verify_cmd(path: &Path) -> Result<()> {
-    let dir = if path.join(cascade_model::artifact::MANIFEST).exists() { path.to_path_buf() } else { cascade_model::artifact::latest_version(path)? };
+    let dir = if path.join(cascade_model::artifact::MANIFEST).exists() {
+        path.to_path_buf()
+    } else {
+        cascade_model::artifact::latest_version(path)?
+    };
     let a = Artifact::load(&dir, &cascade_model::Device::Cpu)?;
     println!(
         "ok: {} — {} users, {} items, dim {}, {} files verified, HNSW recall@100 {:.4}",

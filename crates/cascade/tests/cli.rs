@@ -1,0 +1,100 @@
+//! The real binary end to end on a small planted dataset with the real MiniLM:
+//! train writes a verifiable artifact; bad input stops with file:line and
+//! leaves no artifact behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn cascade() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cascade"))
+}
+
+fn minilm() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    std::env::var_os("CASCADE_MINILM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("data/minilm"))
+}
+
+fn write_dataset(dir: &Path) {
+    cascade_data::synthetic::planted(60, 90, 3, 15, 5)
+        .write(dir)
+        .unwrap();
+}
+
+fn train(data: &Path, artifacts: &Path, cache: &Path) -> std::process::Output {
+    cascade()
+        .args(["train", "--quiet", "--candidates", "30"])
+        .arg("--data")
+        .arg(data)
+        .arg("--minilm")
+        .arg(minilm())
+        .arg("--artifacts")
+        .arg(artifacts)
+        .arg("--cache")
+        .arg(cache)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn train_then_verify() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    write_dataset(&data);
+    let out = train(&data, &t.path().join("artifacts"), &t.path().join("cache"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "train failed: {}\n{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("cascade (retrieve + rank)") && stdout.contains("RMSE"),
+        "{stdout}"
+    );
+    let v = cascade()
+        .arg("verify")
+        .arg("--artifact")
+        .arg(t.path().join("artifacts"))
+        .output()
+        .unwrap();
+    let vs = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        v.status.success() && vs.starts_with("ok:") && vs.contains("90 items"),
+        "{vs} {}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
+#[test]
+fn bad_row_names_file_and_line_and_writes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let data = t.path().join("data");
+    write_dataset(&data);
+    let p = data.join("interactions.csv");
+    let mut text = std::fs::read_to_string(&p).unwrap();
+    text.push_str("u1,not-an-item,4,1\n");
+    let line = text.lines().count();
+    std::fs::write(&p, text).unwrap();
+    let artifacts = t.path().join("artifacts");
+    let out = train(&data, &artifacts, &t.path().join("cache"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("interactions.csv:{line}:")) && stderr.contains("unknown item_id"),
+        "{stderr}"
+    );
+    assert!(
+        !artifacts.exists(),
+        "no artifact may be written on bad input"
+    );
+}
+
+#[test]
+fn unknown_fetch_target_is_an_error() {
+    let out = cascade().args(["fetch", "imagenet"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown fetch target"));
+}

@@ -20,6 +20,9 @@ use crate::TrainError;
 
 pub const K: usize = 10;
 
+/// A retrieved candidate with the ranker's outputs: (item, engagement logit, rating).
+type Candidate = (u32, f32, f32);
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ranking {
     pub recall_at_10: f64,
@@ -205,7 +208,7 @@ impl Models {
         n: usize,
         dim: usize,
         dev: &Device,
-    ) -> Result<Vec<Vec<(u32, f32, f32)>>, TrainError> {
+    ) -> Result<Vec<Vec<Candidate>>, TrainError> {
         let mut pairs = Vec::new();
         let mut spans = Vec::new();
         for &u in users {
@@ -227,7 +230,7 @@ impl Models {
     }
 }
 
-fn order_cascade(cands: &[(u32, f32, f32)], w: f32, mean: f32) -> Vec<u32> {
+fn order_cascade(cands: &[Candidate], w: f32, mean: f32) -> Vec<u32> {
     let mut v: Vec<(u32, f32)> = cands
         .iter()
         .map(|&(i, e, r)| (i, e + w * (r - mean)))

@@ -133,8 +133,7 @@ pub fn write_artifact(
     text: &[Vec<f32>],
     models: &Models,
     report: &EvalReport,
-    cfg: &TrainConfig,
-    candidates: usize,
+    serving: &ServingConfig,
     index: IndexParams,
 ) -> Result<(PathBuf, Manifest), TrainError> {
     let created = SystemTime::now()
@@ -143,7 +142,7 @@ pub fn write_artifact(
         .unwrap_or(0);
     let version = format!("{created:012}-{}", &ds.checksum[..8.min(ds.checksum.len())]);
     let dest = root.join(&version);
-    let dim = cfg.two_tower.dim;
+    let dim = serving.train.two_tower.dim;
     let mut manifest = None;
     atomic_dir(&dest, |dir| -> Result<(), TrainError> {
         let p = |name: &str| dir.join(name);
@@ -161,14 +160,7 @@ pub fn write_artifact(
             p("item_vectors.safetensors"),
         )?;
         write_json(&p("features.json"), &models.space)?;
-        write_json(
-            &p("serving.json"),
-            &ServingConfig {
-                train: cfg.clone(),
-                cascade_rating_weight: models.cascade_rating_weight,
-                candidates,
-            },
-        )?;
+        write_json(&p("serving.json"), serving)?;
         write_json(&p("metrics.json"), report)?;
         let mut curves = report.ranking.curves.clone();
         if let Some(r) = &report.rating {

@@ -73,6 +73,8 @@ pub struct Curve {
     pub valid_metric: Vec<f64>,
     pub valid_metric_name: String,
     pub best_epoch: usize,
+    /// Wall time of the whole loop, validation included.
+    pub seconds: f64,
 }
 
 /// Held-out interactions used for early stopping.
@@ -83,6 +85,18 @@ pub struct Holdout<'a> {
     pub relevant: &'a [HashSet<u32>],
     /// Held-out (user, item, rating) triples.
     pub pairs: &'a [(u32, u32, f32)],
+}
+
+fn finish(pb: &ProgressBar, curve: &mut Curve, t0: std::time::Instant) {
+    pb.finish_and_clear();
+    curve.seconds = t0.elapsed().as_secs_f64();
+    tracing::info!(
+        "{}: {} epochs in {:.1}s (best epoch {})",
+        curve.model,
+        curve.train_loss.len(),
+        curve.seconds,
+        curve.best_epoch
+    );
 }
 
 fn progress(show: bool, steps: u64, name: &str) -> ProgressBar {
@@ -185,6 +199,7 @@ pub fn train_two_tower(
     let mut order: Vec<usize> = (0..train.len()).collect();
     let steps = train.len().div_ceil(cfg.tt_batch);
     let pb = progress(cfg.progress, (steps * cfg.tt_epochs) as u64, "two-tower");
+    let t0 = std::time::Instant::now();
     let inv_t = 1.0 / cfg.two_tower.temperature;
     let mut curve = Curve {
         model: "two_tower".into(),
@@ -230,7 +245,7 @@ pub fn train_two_tower(
             }
         }
     }
-    pb.finish_and_clear();
+    finish(&pb, &mut curve, t0);
     if let Some(s) = best_snap {
         restore(&varmap, &s)?;
     }
@@ -376,6 +391,7 @@ pub fn train_ranker(
     let mut order: Vec<usize> = (0..data.train.len()).collect();
     let steps = data.train.len().div_ceil(cfg.ranker_batch);
     let pb = progress(cfg.progress, (steps * cfg.ranker_epochs) as u64, "ranker");
+    let t0 = std::time::Instant::now();
     let mut curve = Curve {
         model: "ranker".into(),
         valid_metric_name: "valid MSE + BCE".into(),
@@ -417,7 +433,7 @@ pub fn train_ranker(
             }
         }
     }
-    pb.finish_and_clear();
+    finish(&pb, &mut curve, t0);
     if let Some(s) = best_snap {
         restore(&varmap, &s)?;
     }
@@ -499,6 +515,7 @@ pub fn train_bpr(
     let batch = 2048;
     let steps = train.len().div_ceil(batch);
     let pb = progress(cfg.progress, (steps * cfg.bpr_epochs) as u64, "bpr");
+    let t0 = std::time::Instant::now();
     let mut curve = Curve {
         model: "bpr".into(),
         valid_metric_name: "valid Recall@10".into(),
@@ -560,7 +577,7 @@ pub fn train_bpr(
             }
         }
     }
-    pb.finish_and_clear();
+    finish(&pb, &mut curve, t0);
     if let Some(s) = best_snap {
         restore(&varmap, &s)?;
     }

@@ -100,14 +100,18 @@ fn artifact_round_trip_and_corruption() {
     };
     let (report, models) = pipeline::evaluate(&ds, &text, &cfg, 20, false, &Device::Cpu).unwrap();
     let root = tempfile::tempdir().unwrap();
+    let serving = pipeline::ServingConfig {
+        train: cfg.clone(),
+        cascade_rating_weight: models.cascade_rating_weight,
+        candidates: 20,
+    };
     let (dir, manifest) = pipeline::write_artifact(
         root.path(),
         &ds,
         &text,
         &models,
         &report,
-        &cfg,
-        20,
+        &serving,
         IndexParams::default(),
     )
     .unwrap();

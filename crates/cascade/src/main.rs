@@ -11,6 +11,12 @@ use cascade_train::pipeline::{self, Artifact};
 use cascade_train::train::TrainConfig;
 use clap::{Args, Parser, Subcommand};
 
+/// Candle allocates and frees many short-lived tensors per training step; with
+/// glibc malloc the large ones are mmap'd and unmapped each time, and the page
+/// faults and TLB shootdowns dominated training time. mimalloc reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "cascade",
@@ -165,14 +171,18 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     if write {
+        let serving = pipeline::ServingConfig {
+            train: cfg.clone(),
+            cascade_rating_weight: models.cascade_rating_weight,
+            candidates: a.candidates,
+        };
         let (dir, m) = pipeline::write_artifact(
             &a.artifacts,
             &ds,
             &text,
             &models,
             &report,
-            &cfg,
-            a.candidates,
+            &serving,
             IndexParams::default(),
         )?;
         println!(

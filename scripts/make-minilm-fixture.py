@@ -32,7 +32,7 @@ def main(model_dir: str) -> None:
         for f in ["model.safetensors", "tokenizer.json", "config.json"]:
             shutil.copy(os.path.join(model_dir, f), os.path.join(tmp, f))
         word = models.Transformer(tmp, max_seq_length=256)
-        pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+        pool = models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
         model = SentenceTransformer(modules=[word, pool, models.Normalize()], device="cpu")
         vecs = model.encode(SENTENCES, convert_to_numpy=True, normalize_embeddings=False)
     json.dump(

@@ -3,6 +3,7 @@
 pub mod artifact;
 pub mod encoder;
 pub mod nn;
+pub mod ops;
 
 use std::path::{Path, PathBuf};
 

@@ -20,8 +20,17 @@ use crate::TrainError;
 
 pub const K: usize = 10;
 
-/// A retrieved candidate with the ranker's outputs: (item, engagement logit, rating).
-type Candidate = (u32, f32, f32);
+/// A retrieved candidate: (item, engagement logit, predicted rating, two-tower score).
+type Candidate = (u32, f32, f32, f32);
+
+/// How the cascade orders candidates:
+/// `engage + rating · (predicted rating − mean) + retrieval · two-tower score`.
+/// Both weights are chosen on validation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CascadeWeights {
+    pub rating: f32,
+    pub retrieval: f32,
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ranking {
@@ -46,8 +55,8 @@ pub struct RankingReport {
     pub bpr: Ranking,
     pub two_tower: Ranking,
     pub cascade: Ranking,
-    /// Weight of the rating head in the cascade's ordering score, chosen on validation.
-    pub cascade_rating_weight: f32,
+    /// The cascade's ordering weights, chosen on validation.
+    pub cascade_weights: CascadeWeights,
     pub cascade_candidates: usize,
     pub users_evaluated: usize,
     pub curves: Vec<Curve>,
@@ -69,7 +78,7 @@ pub struct Models {
     pub ranker: TrainedRanker,
     pub user_vecs: Vec<f32>,
     pub item_vecs: Vec<f32>,
-    pub cascade_rating_weight: f32,
+    pub cascade_weights: CascadeWeights,
 }
 
 fn per_user_sets(ds: &Dataset, idx: &[usize]) -> Vec<HashSet<u32>> {
@@ -173,7 +182,7 @@ pub fn train_models(
         ranker,
         user_vecs,
         item_vecs,
-        cascade_rating_weight: 0.0,
+        cascade_weights: CascadeWeights::default(),
     })
 }
 
@@ -198,9 +207,9 @@ impl Models {
             .collect()
     }
 
-    /// The full cascade: retrieve `n` unseen candidates by two-tower score,
-    /// order them by `engage + w * (rating - mean)`; returns best-first lists per
-    /// user with each candidate's (engage, rating) so several `w` can be tried cheaply.
+    /// The full cascade's first two steps: retrieve `n` unseen candidates by
+    /// two-tower score and score them with the ranker; ordering is left to
+    /// [`order_cascade`] so several weightings can be tried cheaply.
     fn cascade_candidates(
         &self,
         users: &[usize],
@@ -223,24 +232,32 @@ impl Models {
             .into_iter()
             .map(|(_, start, len)| {
                 (start..start + len)
-                    .map(|j| (pairs[j].1, engage[j], rating[j]))
+                    .map(|j| {
+                        (
+                            pairs[j].1,
+                            engage[j],
+                            rating[j],
+                            data.tt_score(pairs[j].0, pairs[j].1),
+                        )
+                    })
                     .collect()
             })
             .collect())
     }
 }
 
-fn order_cascade(cands: &[Candidate], w: f32, mean: f32) -> Vec<u32> {
+fn order_cascade(cands: &[Candidate], w: CascadeWeights, mean: f32) -> Vec<u32> {
     let mut v: Vec<(u32, f32)> = cands
         .iter()
-        .map(|&(i, e, r)| (i, e + w * (r - mean)))
+        .map(|&(i, e, r, t)| (i, e + w.rating * (r - mean) + w.retrieval * t))
         .collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     v.into_iter().map(|x| x.0).collect()
 }
 
-/// Candidate weights for the rating head in the cascade's ordering score.
-const RATING_WEIGHTS: [f32; 5] = [0.0, 0.25, 0.5, 1.0, 2.0];
+/// The validation grid for [`CascadeWeights`].
+const RATING_WEIGHTS: [f32; 4] = [0.0, 0.25, 0.5, 1.0];
+const RETRIEVAL_WEIGHTS: [f32; 5] = [0.0, 2.0, 5.0, 10.0, 20.0];
 
 pub fn ranking_protocol(
     ds: &Dataset,
@@ -305,8 +322,13 @@ pub fn ranking_protocol(
         .filter(|&u| !valid_rel[u].is_empty())
         .collect();
     let vc = models.cascade_candidates(&valid_users, &seen_train, candidates, dim, dev)?;
-    let mut best = (f64::NEG_INFINITY, 0.0f32);
-    for w in RATING_WEIGHTS {
+    let mut best = (f64::NEG_INFINITY, CascadeWeights::default());
+    let grid = RATING_WEIGHTS.iter().flat_map(|&rating| {
+        RETRIEVAL_WEIGHTS
+            .iter()
+            .map(move |&retrieval| CascadeWeights { rating, retrieval })
+    });
+    for w in grid {
         let per: Vec<TopK> = valid_users
             .iter()
             .zip(&vc)
@@ -318,7 +340,7 @@ pub fn ranking_protocol(
         }
     }
     let w = best.1;
-    models.cascade_rating_weight = w;
+    models.cascade_weights = w;
     let test_users: Vec<usize> = (0..ds.users.len())
         .filter(|&u| !test_rel[u].is_empty())
         .collect();
@@ -335,7 +357,7 @@ pub fn ranking_protocol(
         bpr: bpr_rank,
         two_tower,
         cascade,
-        cascade_rating_weight: w,
+        cascade_weights: w,
         cascade_candidates: candidates,
         users_evaluated: test_users.len(),
         curves: vec![

@@ -121,7 +121,7 @@ pub fn evaluate(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServingConfig {
     pub train: TrainConfig,
-    pub cascade_rating_weight: f32,
+    pub cascade_weights: crate::eval::CascadeWeights,
     pub candidates: usize,
 }
 
@@ -250,7 +250,7 @@ pub fn summary(r: &EvalReport) -> serde_json::Value {
         "bpr": r.ranking.bpr,
         "two_tower": r.ranking.two_tower,
         "cascade": r.ranking.cascade,
-        "cascade_rating_weight": r.ranking.cascade_rating_weight,
+        "cascade_weights": r.ranking.cascade_weights,
         "rmse": r.rating.as_ref().map(|x| x.rmse),
         "mae": r.rating.as_ref().map(|x| x.mae),
         "users_evaluated": r.ranking.users_evaluated,

@@ -46,7 +46,7 @@ impl Default for TrainConfig {
             seed: 2026,
             two_tower: TwoTowerConfig::default(),
             tt_epochs: 30,
-            tt_batch: 1024,
+            tt_batch: 2048,
             tt_lr: 3e-3,
             ranker: RankerConfig::default(),
             ranker_epochs: 20,
@@ -59,7 +59,7 @@ impl Default for TrainConfig {
             bpr_lr: 5e-3,
             bpr_l2: 1e-4,
             patience: 4,
-            history_len: 50,
+            history_len: 20,
             progress: true,
         }
     }
@@ -220,7 +220,7 @@ pub fn train_two_tower(
             let u = model.user(&tables.users(&uidx)?)?;
             let v = model.item(&tables.items)?;
             let logits = (u.matmul(&v.t()?)? * inv_t)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
+            let loss = cascade_model::ops::cross_entropy(&logits, &target)?;
             opt.backward_step(&loss)?;
             total += loss.to_scalar::<f32>()? as f64;
             pb.inc(1);

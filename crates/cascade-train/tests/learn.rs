@@ -102,7 +102,7 @@ fn artifact_round_trip_and_corruption() {
     let root = tempfile::tempdir().unwrap();
     let serving = pipeline::ServingConfig {
         train: cfg.clone(),
-        cascade_rating_weight: models.cascade_rating_weight,
+        cascade_weights: models.cascade_weights,
         candidates: 20,
     };
     let (dir, manifest) = pipeline::write_artifact(

@@ -173,7 +173,7 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
     if write {
         let serving = pipeline::ServingConfig {
             train: cfg.clone(),
-            cascade_rating_weight: models.cascade_rating_weight,
+            cascade_weights: models.cascade_weights,
             candidates: a.candidates,
         };
         let (dir, m) = pipeline::write_artifact(
@@ -218,8 +218,8 @@ fn print_report(r: &pipeline::EvalReport) {
         );
     }
     println!(
-        "cascade: top {} candidates, rating weight {} (chosen on validation)",
-        r.ranking.cascade_candidates, r.ranking.cascade_rating_weight
+        "cascade: top {} candidates; order = engage + {} x (rating - mean) + {} x two-tower score (weights chosen on validation)",
+        r.ranking.cascade_candidates, r.ranking.cascade_weights.rating, r.ranking.cascade_weights.retrieval
     );
     if let Some(x) = &r.rating {
         println!("\nRating protocol: random 90/10, seed {}: ranker RMSE {:.4}  MAE {:.4} ({} test ratings)", r.seed, x.rmse, x.mae, x.test_ratings);

@@ -144,7 +144,6 @@ pub fn train_models(
     let holdout = Holdout {
         seen: &seen,
         relevant: &valid_rel,
-        pairs: &valid_triples,
     };
     let train_pairs: Vec<(u32, u32)> = train_idx
         .iter()
@@ -291,7 +290,6 @@ pub fn ranking_protocol(
     let holdout = Holdout {
         seen: &seen_train,
         relevant: &valid_rel,
-        pairs: &[],
     };
     let train_pairs: Vec<(u32, u32)> = split
         .train

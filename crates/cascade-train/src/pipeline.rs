@@ -351,6 +351,21 @@ impl Artifact {
                 msg,
             })
         };
+        // Every part the loader needs must be listed (and therefore checksummed).
+        let required = [
+            "features.json",
+            "serving.json",
+            "two_tower.safetensors",
+            "ranker.safetensors",
+            VECTORS_FILE,
+            "items.hnsw.graph",
+            "items.hnsw.data",
+        ];
+        if let Some(missing) = required.iter().find(|f| !manifest.files.contains_key(**f)) {
+            return Err(corrupt(format!(
+                "manifest does not list {missing} (an artifact from another build?)"
+            )));
+        }
         let read = |name: &str| -> Result<String, TrainError> {
             std::fs::read_to_string(dir.join(name)).map_err(|e| TrainError::io(&dir.join(name), e))
         };

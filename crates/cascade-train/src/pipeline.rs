@@ -48,12 +48,7 @@ pub fn embed_items(
         }
     }
     let enc = TextEncoder::load(minilm_dir, dev)?;
-    let pb = if progress {
-        indicatif::ProgressBar::new(texts.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    pb.set_prefix("minilm");
+    let pb = crate::train::progress(progress, texts.len() as u64, "minilm");
     let rows = enc.embed_all(&texts, 64, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     if let Some(c) = cache {
@@ -163,14 +158,7 @@ pub fn write_artifact(
         write_json(&p("features.json"), &models.space)?;
         write_json(&p("serving.json"), serving)?;
         write_json(&p("metrics.json"), report)?;
-        let mut curves = report.ranking.curves.clone();
-        if let Some(r) = &report.rating {
-            curves.extend(r.curves.iter().cloned().map(|mut c| {
-                c.model = format!("{} (rating split)", c.model);
-                c
-            }));
-        }
-        crate::plot::write_curves(&p("loss_curves.svg"), &curves)?;
+        write_curves(&p("loss_curves.svg"), report)?;
         let esc = |s: &str| {
             if s.contains([',', '"', '\n']) {
                 format!("\"{}\"", s.replace('"', "\"\""))
@@ -217,6 +205,18 @@ pub fn write_artifact(
     })?;
     let m = manifest.ok_or_else(|| TrainError::Invalid("artifact manifest not written".into()))?;
     Ok((dest, m))
+}
+
+/// Plot every training curve of a report (ranking split, then rating split) as SVG.
+pub fn write_curves(path: &Path, report: &EvalReport) -> Result<(), TrainError> {
+    let mut curves = report.ranking.curves.clone();
+    if let Some(r) = &report.rating {
+        curves.extend(r.curves.iter().cloned().map(|mut c| {
+            c.model = format!("{} (rating split)", c.model);
+            c
+        }));
+    }
+    crate::plot::write_curves(path, &curves)
 }
 
 /// Item and user two-tower vectors and item text embeddings.

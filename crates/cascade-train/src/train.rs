@@ -97,7 +97,8 @@ fn finish(pb: &ProgressBar, curve: &mut Curve, t0: std::time::Instant) {
     );
 }
 
-fn progress(show: bool, steps: u64, name: &str) -> ProgressBar {
+/// A progress bar in the project's style, or a hidden one.
+pub fn progress(show: bool, steps: u64, name: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }

@@ -101,9 +101,12 @@ struct TrainArgs {
     /// Skip the 90/10 rating protocol (RMSE/MAE).
     #[arg(long)]
     skip_rating_eval: bool,
-    /// Also write the report as JSON here.
+    /// Also write the report (metrics and per-epoch curves) as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Also plot the loss curves as SVG here (artifacts always include one).
+    #[arg(long)]
+    curves: Option<PathBuf>,
     /// Device for training and embedding: cpu, cuda or cuda:N.
     #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
     device: String,
@@ -187,6 +190,9 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
     let (report, models) =
         pipeline::evaluate(&ds, &text, &cfg, a.candidates, !a.skip_rating_eval, &dev)?;
     print_report(&report);
+    if let Some(p) = &a.curves {
+        pipeline::write_curves(p, &report)?;
+    }
     if let Some(p) = &a.report {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;

@@ -203,3 +203,29 @@ fn artifact_round_trip_and_corruption() {
         .to_string();
     assert!(e.contains("format_version 99"), "{e}");
 }
+
+#[test]
+fn trains_without_user_features_genres_or_years() {
+    // A bare catalogue: no users.csv columns, no genres, no years.
+    let mut ds = planted(40, 60, 3, 12, 3);
+    ds.user_feature_names.clear();
+    for u in &mut ds.users {
+        u.features.clear();
+    }
+    for it in &mut ds.items {
+        it.genres.clear();
+        it.year = None;
+    }
+    let text = fake_text(&ds);
+    let cfg = TrainConfig {
+        tt_epochs: 3,
+        ranker_epochs: 3,
+        bpr_epochs: 3,
+        ..small_cfg()
+    };
+    let (report, models) = pipeline::evaluate(&ds, &text, &cfg, 20, true, &Device::Cpu).unwrap();
+    assert_eq!(models.space.dims.user_cat_vocab.len(), 0);
+    assert_eq!(models.space.dims.num_genres, 0);
+    assert!(report.rating.unwrap().rmse.is_finite());
+    assert!(report.ranking.two_tower.recall_at_10.is_finite());
+}

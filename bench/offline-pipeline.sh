@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Times the whole offline pipeline on MovieLens-100K (fetch excluded): MiniLM
+# item embeddings with a fresh cache, both evaluation protocols, HNSW build,
+# artifact write. Writes bench/results/offline-ml100k.json (wall time, peak RSS,
+# per-model training time, quality metrics, machine) and prints a summary.
+# Run it on an otherwise idle machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q -p cascade
+BIN=target/release/cascade
+"$BIN" fetch movielens-100k --out data/ml-100k >/dev/null
+"$BIN" fetch minilm --out data/minilm >/dev/null
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+/usr/bin/time -v -o "$work/time.txt" "$BIN" train --quiet --data data/ml-100k --minilm data/minilm \
+  --cache "$work/cache" --artifacts "$work/artifacts" --report "$work/report.json" | tee "$work/train.txt"
+python3 - "$work" bench/results/offline-ml100k.json <<'PY'
+import json, os, platform, re, subprocess, sys
+work, out = sys.argv[1], sys.argv[2]
+t = open(os.path.join(work, "time.txt")).read()
+wall = t.split("Elapsed (wall clock) time (h:mm:ss or m:ss):")[1].split()[0].split(":")
+wall_s = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
+rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1))
+train = open(os.path.join(work, "train.txt")).read()
+embed_s = float(re.search(r"text embeddings: .* in ([0-9.]+)s", train).group(1))
+r = json.load(open(os.path.join(work, "report.json")))
+phases = [{"model": c["model"], "split": "ranking", "epochs": len(c["train_loss"]), "seconds": round(c["seconds"], 1)} for c in r["ranking"]["curves"]]
+phases += [{"model": c["model"], "split": "rating", "epochs": len(c["train_loss"]), "seconds": round(c["seconds"], 1)} for c in r["rating"]["curves"]]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+mem_gib = round(int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20, 1)
+res = {
+    "command": "bench/offline-pipeline.sh",
+    "machine": {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": mem_gib, "gpu": None},
+    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    "wall_seconds": wall_s,
+    "peak_rss_mib": round(rss_kb / 1024, 1),
+    "text_embedding_seconds": embed_s,
+    "training": phases,
+    "metrics": {k: r["ranking"][k] for k in ("popularity", "bpr", "two_tower", "cascade")} | {"cascade_weights": r["ranking"]["cascade_weights"], "rmse": r["rating"]["rmse"], "mae": r["rating"]["mae"]},
+}
+json.dump(res, open(out, "w"), indent=2)
+print(f"\nwall {wall_s:.1f}s, peak RSS {res['peak_rss_mib']} MiB, MiniLM {embed_s}s -> {out}")
+for p in phases:
+    print(f"  {p['model']:<10} {p['split']:<8} {p['epochs']:>3} epochs {p['seconds']:>6.1f}s")
+PY

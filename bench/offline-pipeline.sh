@@ -13,7 +13,7 @@ BIN=target/release/cascade
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 /usr/bin/time -v -o "$work/time.txt" "$BIN" train --quiet --data data/ml-100k --minilm data/minilm \
-  --cache "$work/cache" --artifacts "$work/artifacts" --report "$work/report.json" | tee "$work/train.txt"
+  --cache "$work/cache" --artifacts "$work/artifacts" --report "$work/report.json" 2>&1 | tee "$work/train.txt"
 python3 - "$work" bench/results/offline-ml100k.json <<'PY'
 import json, os, platform, re, subprocess, sys
 work, out = sys.argv[1], sys.argv[2]
@@ -31,7 +31,7 @@ mem_gib = round(int(next(l.split()[1] for l in open("/proc/meminfo") if l.starts
 res = {
     "command": "bench/offline-pipeline.sh",
     "machine": {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": mem_gib, "gpu": None},
-    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip(),
     "wall_seconds": wall_s,
     "peak_rss_mib": round(rss_kb / 1024, 1),
     "text_embedding_seconds": embed_s,

@@ -58,7 +58,7 @@ impl Default for TrainConfig {
             bpr_epochs: 60,
             bpr_lr: 5e-3,
             bpr_l2: 1e-4,
-            patience: 4,
+            patience: 3,
             history_len: 20,
             progress: true,
         }

@@ -95,6 +95,9 @@ struct TrainArgs {
     cache: PathBuf,
     #[arg(long, env = "CASCADE_SEED", default_value_t = 2026)]
     seed: u64,
+    /// Early stopping: epochs without validation improvement before a model stops.
+    #[arg(long, default_value_t = TrainConfig::default().patience)]
+    patience: usize,
     /// Retrieved candidates the ranker reorders in the cascade.
     #[arg(long, default_value_t = 200)]
     candidates: usize,
@@ -184,6 +187,7 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
     );
     let cfg = TrainConfig {
         seed: a.seed,
+        patience: a.patience,
         progress: !a.quiet,
         ..Default::default()
     };

@@ -202,55 +202,7 @@ impl Dataset {
             hasher.update(b"\0");
         }
 
-        // Items.
-        let rows = Rows::open(&items_path)?;
-        let (c_id, c_title) = (rows.column("item_id")?, rows.column("title")?);
-        let (c_year, c_genres, c_desc) = (
-            rows.optional("year"),
-            rows.optional("genres"),
-            rows.optional("description"),
-        );
-        let mut items = Vec::new();
-        let mut item_index: HashMap<String, u32> = HashMap::new();
-        rows.for_each(|path, line, rec| {
-            let id = field(rec, c_id, "item_id", path, line)?.to_string();
-            let title = field(rec, c_title, "title", path, line)?.to_string();
-            let year = match c_year.map(|c| rec.get(c).unwrap_or("").trim()) {
-                None | Some("") => None,
-                Some(y) => Some(y.parse::<i32>().map_err(|_| {
-                    DataError::row(path, line, format!("non-numeric `year` {y:?}"))
-                })?),
-            };
-            let genres = c_genres
-                .map(|c| {
-                    rec.get(c)
-                        .unwrap_or("")
-                        .split('|')
-                        .map(str::trim)
-                        .filter(|g| !g.is_empty())
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default();
-            let description = c_desc
-                .map(|c| rec.get(c).unwrap_or("").trim().to_string())
-                .unwrap_or_default();
-            if item_index.insert(id.clone(), items.len() as u32).is_some() {
-                return Err(DataError::row(
-                    path,
-                    line,
-                    format!("duplicate item_id {id:?}"),
-                ));
-            }
-            items.push(Item {
-                id,
-                title,
-                year,
-                genres,
-                description,
-            });
-            Ok(())
-        })?;
+        let (items, item_index) = read_items(&items_path)?;
 
         // Users (optional file; users seen only in interactions get empty features).
         let mut users = Vec::new();
@@ -395,6 +347,61 @@ impl Dataset {
             Ok(())
         })
     }
+}
+
+/// Read an `items.csv` (the dataset's, or an artifact's copy): items in file
+/// order and an ID → index map.
+pub fn read_items(path: &Path) -> Result<(Vec<Item>, HashMap<String, u32>), DataError> {
+    let rows = Rows::open(path)?;
+    let (c_id, c_title) = (rows.column("item_id")?, rows.column("title")?);
+    let (c_year, c_genres, c_desc) = (
+        rows.optional("year"),
+        rows.optional("genres"),
+        rows.optional("description"),
+    );
+    let mut items = Vec::new();
+    let mut item_index: HashMap<String, u32> = HashMap::new();
+    rows.for_each(|path, line, rec| {
+        let id = field(rec, c_id, "item_id", path, line)?.to_string();
+        let title = field(rec, c_title, "title", path, line)?.to_string();
+        let year = match c_year.map(|c| rec.get(c).unwrap_or("").trim()) {
+            None | Some("") => None,
+            Some(y) => Some(
+                y.parse::<i32>()
+                    .map_err(|_| DataError::row(path, line, format!("non-numeric `year` {y:?}")))?,
+            ),
+        };
+        let genres = c_genres
+            .map(|c| {
+                rec.get(c)
+                    .unwrap_or("")
+                    .split('|')
+                    .map(str::trim)
+                    .filter(|g| !g.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let description = c_desc
+            .map(|c| rec.get(c).unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        if item_index.insert(id.clone(), items.len() as u32).is_some() {
+            return Err(DataError::row(
+                path,
+                line,
+                format!("duplicate item_id {id:?}"),
+            ));
+        }
+        items.push(Item {
+            id,
+            title,
+            year,
+            genres,
+            description,
+        });
+        Ok(())
+    })?;
+    Ok((items, item_index))
 }
 
 fn format_rating(r: f32) -> String {

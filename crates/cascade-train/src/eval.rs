@@ -137,7 +137,7 @@ pub fn train_models(
 ) -> Result<Models, TrainError> {
     let text_dim = text.first().map(Vec::len).unwrap_or(0);
     let space = FeatureSpace::build(ds, train_idx, text_dim, cfg.history_len);
-    let tables = Tables::build(&space, ds, text, dev)?;
+    let tables = Tables::build(&space, &ds.items, text, dev)?;
     let seen = per_user_sets(ds, train_idx);
     let valid_rel = per_user_sets(ds, valid_idx);
     let valid_triples = triples(ds, valid_idx);

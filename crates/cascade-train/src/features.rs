@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
-use cascade_data::{Dataset, Interaction};
+use cascade_data::{Dataset, Interaction, Item};
 use cascade_model::nn::{FeatureDims, ItemInputs, UserInputs};
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,9 @@ pub struct FeatureSpace {
     pub user_cats: Vec<Vec<u32>>,
     /// Per user: most recent training items, newest first (at most `history_len`).
     pub user_history: Vec<Vec<u32>>,
+    /// Per user: every item interacted with in training, ascending (the seen set
+    /// the server never recommends again).
+    pub user_seen: Vec<Vec<u32>>,
     /// Training interaction count per item (popularity).
     pub item_popularity: Vec<u32>,
     pub global_mean_rating: f32,
@@ -96,6 +99,15 @@ impl FeatureSpace {
             item_popularity[x.item as usize] += 1;
             sum += x.rating as f64;
         }
+        let user_seen = per_user
+            .iter()
+            .map(|xs| {
+                let mut v: Vec<u32> = xs.iter().map(|x| x.item).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            })
+            .collect();
         let user_history = per_user
             .into_iter()
             .map(|mut xs| {
@@ -120,6 +132,7 @@ impl FeatureSpace {
             user_ids: ds.users.iter().map(|u| u.id.clone()).collect(),
             user_cats,
             user_history,
+            user_seen,
             item_popularity,
             global_mean_rating: if train.is_empty() {
                 0.0
@@ -150,16 +163,17 @@ pub struct Tables {
 }
 
 impl Tables {
+    /// Item tensors for `items` and user tensors for `space`'s users.
     pub fn build(
         space: &FeatureSpace,
-        ds: &Dataset,
+        items: &[Item],
         text: &[Vec<f32>],
         dev: &Device,
     ) -> Result<Self, TrainError> {
-        let n = ds.items.len();
+        let n = items.len();
         let g = space.dims.num_genres.max(1);
         let mut genres = vec![0f32; n * g];
-        for (i, it) in ds.items.iter().enumerate() {
+        for (i, it) in items.iter().enumerate() {
             let idx: Vec<usize> = it
                 .genres
                 .iter()
@@ -169,11 +183,7 @@ impl Tables {
                 genres[i * g + j] = 1.0 / idx.len() as f32;
             }
         }
-        let year: Vec<u32> = ds
-            .items
-            .iter()
-            .map(|it| space.year_bucket(it.year))
-            .collect();
+        let year: Vec<u32> = items.iter().map(|it| space.year_bucket(it.year)).collect();
         let td = space.dims.text_dim;
         let mut flat = Vec::with_capacity(n * td);
         for row in text {
@@ -191,7 +201,7 @@ impl Tables {
             year: Tensor::from_vec(year, n, dev)?,
             text: Tensor::from_vec(flat, (n, td), dev)?,
         };
-        let nu = ds.users.len();
+        let nu = space.dims.num_users;
         let l = space.dims.history_len.max(1);
         let mut hist = vec![0u32; nu * l];
         let mut hist_w = vec![0f32; nu * l];

@@ -120,6 +120,17 @@ pub struct ServingConfig {
     pub candidates: usize,
 }
 
+impl ServingConfig {
+    /// What the server needs to use `models` as trained with `train`.
+    pub fn for_models(train: &TrainConfig, models: &Models, candidates: usize) -> Self {
+        Self {
+            train: train.clone(),
+            cascade_weights: models.cascade_weights,
+            candidates,
+        }
+    }
+}
+
 /// Write a sealed, versioned artifact directory under `root`; returns its path.
 /// Everything is written to a temporary sibling first and renamed into place.
 pub fn write_artifact(

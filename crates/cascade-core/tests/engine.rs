@@ -1,0 +1,149 @@
+//! The in-process pipeline on a trained artifact with planted structure:
+//! seen and excluded items never come back, planted taste shows in the top-k,
+//! unknown users take the popularity path, bad requests name their field.
+
+use std::collections::HashSet;
+
+use candle_core::Device;
+use cascade_core::{Engine, EngineError, PredictRequest};
+use cascade_data::synthetic::planted;
+use cascade_retrieval::IndexParams;
+use cascade_train::pipeline;
+use cascade_train::train::TrainConfig;
+
+const CLUSTERS: usize = 4;
+
+fn engine() -> (tempfile::TempDir, Engine) {
+    let ds = planted(120, 160, CLUSTERS, 25, 9);
+    let text: Vec<Vec<f32>> = (0..ds.items.len())
+        .map(|i| {
+            (0..8)
+                .map(|j| (((i * 7 + j * 3) % 11) as f32 / 11.0) - 0.5)
+                .collect()
+        })
+        .collect();
+    let cfg = TrainConfig {
+        tt_epochs: 15,
+        tt_batch: 256,
+        ranker_epochs: 8,
+        ranker_batch: 256,
+        bpr_epochs: 2,
+        hard_negative_pool: 30,
+        history_len: 20,
+        progress: false,
+        ..Default::default()
+    };
+    let (report, models) = pipeline::evaluate(&ds, &text, &cfg, 40, false, &Device::Cpu).unwrap();
+    let serving = pipeline::ServingConfig::for_models(&cfg, &models, 40);
+    let root = tempfile::tempdir().unwrap();
+    let (dir, _) = pipeline::write_artifact(
+        root.path(),
+        &ds,
+        &text,
+        &models,
+        &report,
+        &serving,
+        IndexParams::default(),
+    )
+    .unwrap();
+    let engine = Engine::load(&dir, &Device::Cpu).unwrap();
+    (root, engine)
+}
+
+fn req(user: &str, k: usize) -> PredictRequest {
+    PredictRequest {
+        user_id: user.into(),
+        num_results: k,
+        num_candidates: 0,
+        exclude_item_ids: Vec::new(),
+    }
+}
+
+#[test]
+fn pipeline_behaviour() {
+    let (_root, e) = engine();
+
+    // Known user: k results, best first, none seen in training, none excluded.
+    let user = "u5"; // cluster 5 % 4 = 1
+    let seen: HashSet<String> = e.training_items(user).unwrap().into_iter().collect();
+    assert!(!seen.is_empty());
+    let first = e.predict(&req(user, 10)).unwrap();
+    assert!(!first.cold_start);
+    assert_eq!(first.items.len(), 10);
+    assert!(
+        first.items.windows(2).all(|w| w[0].score >= w[1].score),
+        "not sorted"
+    );
+    assert!(
+        first.items.iter().all(|it| !seen.contains(&it.item_id)),
+        "a seen item came back"
+    );
+    // Planted taste: items of the user's cluster (id % 4 == 1) dominate.
+    let in_cluster = first
+        .items
+        .iter()
+        .filter(|it| it.item_id[1..].parse::<usize>().unwrap() % CLUSTERS == 1)
+        .count();
+    assert!(
+        in_cluster >= 7,
+        "only {in_cluster}/10 from the user's cluster: {:?}",
+        first.items
+    );
+
+    // Exclusions apply; deterministic for the same request.
+    let excluded: Vec<String> = first
+        .items
+        .iter()
+        .take(3)
+        .map(|it| it.item_id.clone())
+        .collect();
+    let second = e
+        .predict(&PredictRequest {
+            exclude_item_ids: excluded.clone(),
+            ..req(user, 10)
+        })
+        .unwrap();
+    assert!(second
+        .items
+        .iter()
+        .all(|it| !excluded.contains(&it.item_id)));
+    assert_eq!(second.items[0].item_id, first.items[3].item_id);
+    assert_eq!(e.predict(&req(user, 10)).unwrap().items, first.items);
+
+    // Asking for more than the candidates retrieved: popularity fills, still no seen items.
+    let many = e
+        .predict(&PredictRequest {
+            num_candidates: 5,
+            ..req(user, 60)
+        })
+        .unwrap();
+    assert_eq!(many.items.len(), 60);
+    assert!(many.items.iter().all(|it| !seen.contains(&it.item_id)));
+    let distinct: HashSet<&String> = many.items.iter().map(|it| &it.item_id).collect();
+    assert_eq!(distinct.len(), 60);
+
+    // Unknown user: cold start, most popular first.
+    let cold = e.predict(&req("nobody", 5)).unwrap();
+    assert!(cold.cold_start);
+    assert_eq!(cold.items.len(), 5);
+    assert!(cold.items.windows(2).all(|w| w[0].score >= w[1].score));
+
+    // Bad requests name the field.
+    for (r, field) in [
+        (req("", 10), "user_id"),
+        (req(user, 0), "num_results"),
+        (req(user, 5000), "num_results"),
+        (
+            PredictRequest {
+                num_candidates: 1_000_000,
+                ..req(user, 10)
+            },
+            "num_candidates",
+        ),
+    ] {
+        match e.predict(&r) {
+            Err(EngineError::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("expected invalid {field}, got {other:?}"),
+        }
+    }
+}

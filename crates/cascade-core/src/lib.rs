@@ -151,6 +151,12 @@ impl Engine {
         })
     }
 
+    /// (users, items, embedding dimension) of the loaded model.
+    pub fn shape(&self) -> (usize, usize, usize) {
+        let m = &self.artifact.manifest;
+        (m.num_users, m.num_items, m.embedding_dim)
+    }
+
     pub fn model_version(&self) -> &str {
         &self.artifact.manifest.model_version
     }
@@ -195,7 +201,7 @@ impl Engine {
                     self.scored(
                         i,
                         self.artifact.space.item_popularity[i as usize] as f32,
-                        0.0,
+                        f32::NAN,
                         f32::NAN,
                     )
                 })

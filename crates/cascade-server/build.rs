@@ -1,0 +1,13 @@
+//! Generates the `cascade.v1` gRPC code with a vendored `protoc`, so building
+//! needs nothing from the system package manager.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded; prost-build reads PROTOC.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("cascade_descriptor.bin"))
+        .compile_protos(&["../../proto/cascade/v1/cascade.proto"], &["../../proto"])?;
+    println!("cargo:rerun-if-changed=../../proto/cascade/v1/cascade.proto");
+    Ok(())
+}

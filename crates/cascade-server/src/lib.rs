@@ -1,0 +1,168 @@
+//! Cascade's gRPC surface: thin tonic handlers over [`cascade_core::Engine`],
+//! `grpc.health.v1` and server reflection (v1 and v1alpha).
+//!
+//! Model work runs on Tokio's blocking pool (dedicated threads), never on the
+//! async workers; every engine error maps to a gRPC status in one place.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cascade_core::{Engine, EngineError};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+pub mod pb {
+    tonic::include_proto!("cascade.v1");
+    /// Encoded descriptors for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("cascade_descriptor");
+}
+
+use pb::cascade_server::{Cascade, CascadeServer};
+
+/// Requests larger than this are refused by the codec (RESOURCE_EXHAUSTED).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The one mapping from engine errors to gRPC status codes.
+pub fn to_status(e: EngineError) -> Status {
+    match e {
+        EngineError::InvalidArgument { field, msg } => {
+            Status::invalid_argument(format!("{field}: {msg}"))
+        }
+        other => Status::internal(other.to_string()),
+    }
+}
+
+pub struct CascadeService {
+    engine: Arc<Engine>,
+    device: String,
+}
+
+impl CascadeService {
+    pub fn new(engine: Arc<Engine>, device: String) -> Self {
+        Self { engine, device }
+    }
+}
+
+fn opt(v: f32) -> Option<f32> {
+    (!v.is_nan()).then_some(v)
+}
+
+#[tonic::async_trait]
+impl Cascade for CascadeService {
+    async fn predict(
+        &self,
+        req: Request<pb::PredictRequest>,
+    ) -> Result<Response<pb::PredictResponse>, Status> {
+        let r = req.into_inner();
+        let core_req = cascade_core::PredictRequest {
+            user_id: r.user_id,
+            num_results: r.num_results as usize,
+            num_candidates: r.num_candidates as usize,
+            exclude_item_ids: r.exclude_item_ids,
+        };
+        let engine = self.engine.clone();
+        let resp = tokio::task::spawn_blocking(move || engine.predict(&core_req))
+            .await
+            .map_err(|e| Status::internal(format!("predict worker failed: {e}")))?
+            .map_err(to_status)?;
+        Ok(Response::new(pb::PredictResponse {
+            items: resp
+                .items
+                .into_iter()
+                .map(|it| pb::ScoredItem {
+                    item_id: it.item_id,
+                    title: it.title,
+                    score: it.score,
+                    retrieval_score: opt(it.retrieval_score),
+                    predicted_rating: opt(it.predicted_rating),
+                })
+                .collect(),
+            model_version: resp.model_version,
+            cold_start: resp.cold_start,
+            timings: Some(pb::StageTimings {
+                user_state_us: resp.timings.user_state_us,
+                retrieval_us: resp.timings.retrieval_us,
+                ranking_us: resp.timings.ranking_us,
+                total_us: resp.timings.total_us,
+            }),
+        }))
+    }
+
+    async fn get_model_info(
+        &self,
+        _req: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let (users, items, dim) = self.engine.shape();
+        Ok(Response::new(pb::ModelInfo {
+            model_version: self.engine.model_version().to_string(),
+            num_users: users as u32,
+            num_items: items as u32,
+            embedding_dim: dim as u32,
+            device: self.device.clone(),
+        }))
+    }
+}
+
+/// Serve on `listener` until `shutdown` resolves; then readiness turns
+/// NOT_SERVING and in-flight requests drain before this returns.
+pub async fn serve(
+    engine: Arc<Engine>,
+    device: String,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<CascadeServer<CascadeService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let service = CascadeServer::new(CascadeService::new(engine, device))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let drain_reporter = reporter.clone();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: readiness NOT_SERVING, draining in-flight requests");
+        drain_reporter
+            .set_not_serving::<CascadeServer<CascadeService>>()
+            .await;
+    };
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Bind `addr` (port 0 picks a free port).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}

@@ -1,0 +1,169 @@
+//! A real tonic server and client over TCP: Predict, validation errors as
+//! INVALID_ARGUMENT naming the field, GetModelInfo, health, graceful shutdown.
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use cascade_core::Engine;
+use cascade_data::synthetic::planted;
+use cascade_retrieval::IndexParams;
+use cascade_server::pb::cascade_client::CascadeClient;
+use cascade_server::pb::{GetModelInfoRequest, PredictRequest};
+use cascade_train::pipeline;
+use cascade_train::train::TrainConfig;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+fn engine(root: &std::path::Path) -> Engine {
+    let ds = planted(80, 120, 4, 20, 4);
+    let text: Vec<Vec<f32>> = (0..ds.items.len())
+        .map(|i| (0..8).map(|j| ((i + j) % 5) as f32 / 5.0 - 0.5).collect())
+        .collect();
+    let cfg = TrainConfig {
+        tt_epochs: 5,
+        tt_batch: 256,
+        ranker_epochs: 3,
+        ranker_batch: 256,
+        bpr_epochs: 1,
+        hard_negative_pool: 20,
+        history_len: 10,
+        progress: false,
+        ..Default::default()
+    };
+    let (report, models) = pipeline::evaluate(&ds, &text, &cfg, 30, false, &Device::Cpu).unwrap();
+    let serving = pipeline::ServingConfig::for_models(&cfg, &models, 30);
+    let (dir, _) = pipeline::write_artifact(
+        root,
+        &ds,
+        &text,
+        &models,
+        &report,
+        &serving,
+        IndexParams::default(),
+    )
+    .unwrap();
+    Engine::load(&dir, &Device::Cpu).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_round_trip() {
+    let root = tempfile::tempdir().unwrap();
+    let engine = Arc::new(engine(root.path()));
+    let version = engine.model_version().to_string();
+    let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(cascade_server::serve(
+        engine,
+        "cpu".into(),
+        listener,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let url = format!("http://{addr}");
+    let mut client = CascadeClient::connect(url.clone()).await.unwrap();
+    let resp = client
+        .predict(PredictRequest {
+            user_id: "u3".into(),
+            num_results: 7,
+            num_candidates: 0,
+            exclude_item_ids: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.items.len(), 7);
+    assert_eq!(resp.model_version, version);
+    assert!(!resp.cold_start);
+    assert!(resp.items.windows(2).all(|w| w[0].score >= w[1].score));
+    assert!(resp
+        .items
+        .iter()
+        .all(|it| it.retrieval_score.is_some() && it.predicted_rating.is_some()));
+    assert!(resp.timings.unwrap().total_us > 0);
+
+    let cold = client
+        .predict(PredictRequest {
+            user_id: "someone-new".into(),
+            num_results: 3,
+            num_candidates: 0,
+            exclude_item_ids: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cold.cold_start);
+    assert!(cold.items.iter().all(|it| it.retrieval_score.is_none()));
+
+    for (req, field) in [
+        (
+            PredictRequest {
+                user_id: String::new(),
+                num_results: 5,
+                ..Default::default()
+            },
+            "user_id",
+        ),
+        (
+            PredictRequest {
+                user_id: "u3".into(),
+                num_results: 0,
+                ..Default::default()
+            },
+            "num_results",
+        ),
+        (
+            PredictRequest {
+                user_id: "u3".into(),
+                num_results: 5,
+                num_candidates: 99_999,
+                ..Default::default()
+            },
+            "num_candidates",
+        ),
+    ] {
+        let e = client.predict(req).await.expect_err("must be rejected");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with(field), "{}", e.message());
+    }
+
+    let info = client
+        .get_model_info(GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (info.num_users, info.num_items, info.embedding_dim),
+        (80, 120, 64)
+    );
+    assert_eq!(info.device, "cpu");
+
+    let channel = tonic::transport::Channel::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "cascade.v1.Cascade"] {
+        let s = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("server did not drain")
+        .unwrap()
+        .unwrap();
+}

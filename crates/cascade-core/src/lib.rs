@@ -87,6 +87,29 @@ pub struct PredictResponse {
     pub timings: StageTimings,
 }
 
+/// Items scored for one user, without per-stage timings (Rank, Retrieve).
+#[derive(Debug, Clone)]
+pub struct RankResponse {
+    pub items: Vec<ScoredItem>,
+    pub cold_start: bool,
+    pub model_version: String,
+}
+
+/// One item's scores: the ordering score, the two-tower score, the rating head.
+#[derive(Debug, Clone, Copy)]
+struct Scores {
+    score: f32,
+    retrieval: f32,
+    rating: f32,
+}
+
+fn check_user(user_id: &str) -> Result<(), EngineError> {
+    if user_id.trim().is_empty() {
+        return Err(invalid("user_id", "must not be empty"));
+    }
+    Ok(())
+}
+
 pub struct Engine {
     artifact: Artifact,
     tables: Tables,
@@ -163,139 +186,37 @@ impl Engine {
 
     pub fn predict(&self, req: &PredictRequest) -> Result<PredictResponse, EngineError> {
         let t0 = Instant::now();
-        if req.user_id.trim().is_empty() {
-            return Err(invalid("user_id", "must not be empty"));
-        }
+        check_user(&req.user_id)?;
         if req.num_results == 0 || req.num_results > MAX_RESULTS {
             return Err(invalid(
                 "num_results",
                 format!("must be in 1..={MAX_RESULTS}, got {}", req.num_results),
             ));
         }
-        let n_cand = if req.num_candidates == 0 {
-            self.artifact.serving.candidates
-        } else {
-            req.num_candidates
-        };
-        if n_cand > MAX_CANDIDATES {
-            return Err(invalid(
-                "num_candidates",
-                format!("must be at most {MAX_CANDIDATES}, got {n_cand}"),
-            ));
-        }
-        let n_cand = n_cand.max(req.num_results);
-        let exclude: HashSet<u32> = req
-            .exclude_item_ids
-            .iter()
-            .filter_map(|id| self.item_index.get(id).copied())
-            .collect();
+        let n_cand = self.candidates(req.num_candidates)?.max(req.num_results);
+        let exclude = self.known_items(&req.exclude_item_ids);
 
         let Some(&u) = self.user_index.get(&req.user_id) else {
-            // Cold start: the most popular items not excluded.
-            let items = self
-                .popular
-                .iter()
-                .filter(|i| !exclude.contains(i))
-                .take(req.num_results)
-                .map(|&i| {
-                    self.scored(
-                        i,
-                        self.artifact.space.item_popularity[i as usize] as f32,
-                        f32::NAN,
-                        f32::NAN,
-                    )
-                })
-                .collect();
-            let total_us = t0.elapsed().as_micros() as u64;
-            return Ok(PredictResponse {
-                items,
-                cold_start: true,
-                model_version: self.model_version().to_string(),
-                timings: StageTimings {
-                    total_us,
-                    ..Default::default()
-                },
-            });
+            return Ok(self.cold(&exclude, req.num_results, t0));
         };
-
-        // User state: the user tower over features and recent history.
-        let uidx = Tensor::new(&[u], &self.device)?;
-        let user_vec: Vec<f32> = self
-            .artifact
-            .two_tower
-            .user(&self.tables.users(&uidx)?)?
-            .flatten_all()?
-            .to_vec1()?;
+        let user_vec = self.user_vector(u)?;
         let t_user = t0.elapsed();
-
-        // Retrieval: the seen-set filter and exclusions are the HNSW search predicate.
-        let seen = &self.seen[u as usize];
-        let keep = |i: usize| !exclude.contains(&(i as u32)) && !seen.contains(&(i as u32));
-        let mut cands: Vec<u32> = self
-            .artifact
-            .index
-            .search(&user_vec, n_cand, Some(&keep))
-            .iter()
-            .map(|h| h.item as u32)
-            .collect();
-        if cands.len() < req.num_results {
-            let have: HashSet<u32> = cands.iter().copied().collect();
-            let fill: Vec<u32> = self
-                .popular
-                .iter()
-                .copied()
-                .filter(|&i| keep(i as usize) && !have.contains(&i))
-                .take(req.num_results - cands.len())
-                .collect();
-            cands.extend(fill);
-        }
+        let cands = self.retrieve_for(u, &user_vec, n_cand, req.num_results, &exclude);
         let t_retr = t0.elapsed();
-
-        // Ranking: one batched forward over all candidates.
-        let n = cands.len();
-        let mut items = Vec::with_capacity(n);
-        if n > 0 {
-            let tt: Vec<f32> = cands
-                .iter()
-                .map(|&i| {
-                    self.artifact.item_vectors[i as usize]
-                        .iter()
-                        .zip(&user_vec)
-                        .map(|(a, b)| a * b)
-                        .sum()
-                })
-                .collect();
-            let users = self
-                .tables
-                .users(&Tensor::from_vec(vec![u; n], n, &self.device)?)?;
-            let item_in =
-                self.tables
-                    .items
-                    .select(&Tensor::from_vec(cands.clone(), n, &self.device)?)?;
-            let tt_t = Tensor::from_vec(tt.clone(), (n, 1), &self.device)?;
-            let out = self.artifact.ranker.forward(&PairInputs {
-                user: &users,
-                item: &item_in,
-                tt_score: &tt_t,
-            })?;
-            let rating: Vec<f32> = out.rating.to_vec1()?;
-            let engage: Vec<f32> = out.engage.to_vec1()?;
-            let mean = self.artifact.space.global_mean_rating;
-            for j in 0..n {
-                let score = engage[j]
-                    + self.weights.rating * (rating[j] - mean)
-                    + self.weights.retrieval * tt[j];
-                items.push((cands[j], score, tt[j], rating[j]));
-            }
-            // Best first; ties broken by item index so results are deterministic.
-            items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            items.truncate(req.num_results);
-        }
+        let ids: Vec<u32> = cands.iter().map(|c| c.0).collect();
+        let mut items: Vec<(u32, Scores)> = ids
+            .iter()
+            .copied()
+            .zip(self.rank_items(u, &user_vec, &ids)?)
+            .collect();
+        // Best first; ties broken by item index so results are deterministic.
+        items.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then(a.0.cmp(&b.0)));
+        items.truncate(req.num_results);
         let t_rank = t0.elapsed();
         Ok(PredictResponse {
             items: items
                 .into_iter()
-                .map(|(i, s, t, r)| self.scored(i, s, t, r))
+                .map(|(i, sc)| self.scored(i, sc))
                 .collect(),
             cold_start: false,
             model_version: self.model_version().to_string(),
@@ -308,13 +229,224 @@ impl Engine {
         })
     }
 
-    fn scored(
+    /// Score the given items for the user, in input order (the load testers'
+    /// endpoint). Unknown item IDs are rejected, naming the first one.
+    pub fn rank(&self, user_id: &str, item_ids: &[String]) -> Result<RankResponse, EngineError> {
+        check_user(user_id)?;
+        if item_ids.is_empty() || item_ids.len() > MAX_CANDIDATES {
+            return Err(invalid(
+                "item_ids",
+                format!("must hold 1..={MAX_CANDIDATES} IDs, got {}", item_ids.len()),
+            ));
+        }
+        let mut ids = Vec::with_capacity(item_ids.len());
+        for id in item_ids {
+            match self.item_index.get(id) {
+                Some(&i) => ids.push(i),
+                None => return Err(invalid("item_ids", format!("unknown item {id:?}"))),
+            }
+        }
+        let (scores, cold_start) = match self.user_index.get(user_id) {
+            Some(&u) => (self.rank_items(u, &self.user_vector(u)?, &ids)?, false),
+            None => (
+                ids.iter().map(|&i| self.popularity_scores(i)).collect(),
+                true,
+            ),
+        };
+        Ok(RankResponse {
+            items: ids
+                .iter()
+                .zip(scores)
+                .map(|(&i, sc)| self.scored(i, sc))
+                .collect(),
+            cold_start,
+            model_version: self.model_version().to_string(),
+        })
+    }
+
+    /// Retrieval alone: candidates by two-tower score (seen and excluded items
+    /// filtered in the search, popularity filling any shortfall), best first.
+    pub fn retrieve(
         &self,
-        i: u32,
-        score: f32,
-        retrieval_score: f32,
-        predicted_rating: f32,
-    ) -> ScoredItem {
+        user_id: &str,
+        num_candidates: usize,
+        exclude_item_ids: &[String],
+    ) -> Result<RankResponse, EngineError> {
+        check_user(user_id)?;
+        let n = self.candidates(num_candidates)?;
+        let exclude = self.known_items(exclude_item_ids);
+        let Some(&u) = self.user_index.get(user_id) else {
+            let cold = self.cold(&exclude, n, Instant::now());
+            return Ok(RankResponse {
+                items: cold.items,
+                cold_start: true,
+                model_version: cold.model_version,
+            });
+        };
+        let user_vec = self.user_vector(u)?;
+        let items = self
+            .retrieve_for(u, &user_vec, n, n, &exclude)
+            .into_iter()
+            .map(|(i, tt)| {
+                self.scored(
+                    i,
+                    Scores {
+                        score: tt,
+                        retrieval: tt,
+                        rating: f32::NAN,
+                    },
+                )
+            })
+            .collect();
+        Ok(RankResponse {
+            items,
+            cold_start: false,
+            model_version: self.model_version().to_string(),
+        })
+    }
+
+    fn candidates(&self, requested: usize) -> Result<usize, EngineError> {
+        let n = if requested == 0 {
+            self.artifact.serving.candidates
+        } else {
+            requested
+        };
+        if n > MAX_CANDIDATES {
+            return Err(invalid(
+                "num_candidates",
+                format!("must be at most {MAX_CANDIDATES}, got {n}"),
+            ));
+        }
+        Ok(n)
+    }
+
+    fn known_items(&self, ids: &[String]) -> HashSet<u32> {
+        ids.iter()
+            .filter_map(|id| self.item_index.get(id).copied())
+            .collect()
+    }
+
+    fn popularity_scores(&self, i: u32) -> Scores {
+        Scores {
+            score: self.artifact.space.item_popularity[i as usize] as f32,
+            retrieval: f32::NAN,
+            rating: f32::NAN,
+        }
+    }
+
+    /// Cold start: the most popular items not excluded.
+    fn cold(&self, exclude: &HashSet<u32>, n: usize, t0: Instant) -> PredictResponse {
+        let items = self
+            .popular
+            .iter()
+            .filter(|i| !exclude.contains(i))
+            .take(n)
+            .map(|&i| self.scored(i, self.popularity_scores(i)))
+            .collect();
+        PredictResponse {
+            items,
+            cold_start: true,
+            model_version: self.model_version().to_string(),
+            timings: StageTimings {
+                total_us: t0.elapsed().as_micros() as u64,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The user tower over the user's features and recent history.
+    fn user_vector(&self, u: u32) -> Result<Vec<f32>, EngineError> {
+        let uidx = Tensor::new(&[u], &self.device)?;
+        Ok(self
+            .artifact
+            .two_tower
+            .user(&self.tables.users(&uidx)?)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
+    /// HNSW top-`n` with the seen-set filter and exclusions as the search
+    /// predicate; popularity fills up to `min_len`. Returns (item, two-tower score).
+    fn retrieve_for(
+        &self,
+        u: u32,
+        user_vec: &[f32],
+        n: usize,
+        min_len: usize,
+        exclude: &HashSet<u32>,
+    ) -> Vec<(u32, f32)> {
+        let seen = &self.seen[u as usize];
+        let keep = |i: usize| !exclude.contains(&(i as u32)) && !seen.contains(&(i as u32));
+        let mut cands: Vec<(u32, f32)> = self
+            .artifact
+            .index
+            .search(user_vec, n, Some(&keep))
+            .iter()
+            .map(|h| (h.item as u32, h.score))
+            .collect();
+        if cands.len() < min_len {
+            let have: HashSet<u32> = cands.iter().map(|c| c.0).collect();
+            let fill: Vec<(u32, f32)> = self
+                .popular
+                .iter()
+                .copied()
+                .filter(|&i| keep(i as usize) && !have.contains(&i))
+                .take(min_len - cands.len())
+                .map(|i| (i, self.tt(user_vec, i)))
+                .collect();
+            cands.extend(fill);
+        }
+        cands
+    }
+
+    fn tt(&self, user_vec: &[f32], i: u32) -> f32 {
+        self.artifact.item_vectors[i as usize]
+            .iter()
+            .zip(user_vec)
+            .map(|(a, b)| a * b)
+            .sum()
+    }
+
+    /// One batched ranker forward over `items` for user `u`, in input order.
+    fn rank_items(
+        &self,
+        u: u32,
+        user_vec: &[f32],
+        items: &[u32],
+    ) -> Result<Vec<Scores>, EngineError> {
+        let n = items.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let tt: Vec<f32> = items.iter().map(|&i| self.tt(user_vec, i)).collect();
+        let users = self
+            .tables
+            .users(&Tensor::from_vec(vec![u; n], n, &self.device)?)?;
+        let item_in =
+            self.tables
+                .items
+                .select(&Tensor::from_vec(items.to_vec(), n, &self.device)?)?;
+        let tt_t = Tensor::from_vec(tt.clone(), (n, 1), &self.device)?;
+        let out = self.artifact.ranker.forward(&PairInputs {
+            user: &users,
+            item: &item_in,
+            tt_score: &tt_t,
+        })?;
+        let rating: Vec<f32> = out.rating.to_vec1()?;
+        let engage: Vec<f32> = out.engage.to_vec1()?;
+        let mean = self.artifact.space.global_mean_rating;
+        Ok((0..n)
+            .map(|j| Scores {
+                score: engage[j]
+                    + self.weights.rating * (rating[j] - mean)
+                    + self.weights.retrieval * tt[j],
+                retrieval: tt[j],
+                rating: rating[j],
+            })
+            .collect())
+    }
+
+    fn scored(&self, i: u32, sc: Scores) -> ScoredItem {
         let it = &self.items[i as usize];
         let title = match it.year {
             Some(y) => format!("{} ({y})", it.title),
@@ -323,9 +455,9 @@ impl Engine {
         ScoredItem {
             item_id: it.id.clone(),
             title,
-            score,
-            retrieval_score,
-            predicted_rating,
+            score: sc.score,
+            retrieval_score: sc.retrieval,
+            predicted_rating: sc.rating,
         }
     }
 

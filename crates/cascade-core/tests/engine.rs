@@ -132,6 +132,60 @@ fn pipeline_behaviour() {
         .iter()
         .all(|it| it.retrieval_score.is_nan() && it.predicted_rating.is_nan()));
 
+    // Rank scores given items in input order, consistent with Predict.
+    let top: Vec<String> = first
+        .items
+        .iter()
+        .take(5)
+        .map(|it| it.item_id.clone())
+        .rev()
+        .collect();
+    let ranked = e.rank(user, &top).unwrap();
+    assert_eq!(
+        ranked
+            .items
+            .iter()
+            .map(|it| it.item_id.clone())
+            .collect::<Vec<_>>(),
+        top
+    );
+    for it in &ranked.items {
+        let p = first
+            .items
+            .iter()
+            .find(|x| x.item_id == it.item_id)
+            .unwrap();
+        assert!(
+            (p.score - it.score).abs() < 1e-4,
+            "{} vs {}",
+            p.score,
+            it.score
+        );
+    }
+    match e.rank(user, &["i1".to_string(), "no-such-item".to_string()]) {
+        Err(EngineError::InvalidArgument { field, msg }) => {
+            assert!(field == "item_ids" && msg.contains("no-such-item"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        e.rank(user, &[]),
+        Err(EngineError::InvalidArgument {
+            field: "item_ids",
+            ..
+        })
+    ));
+    assert!(e.rank("nobody", &top).unwrap().cold_start);
+
+    // Retrieve alone: unseen candidates, best first by two-tower score.
+    let r = e.retrieve(user, 20, &[]).unwrap();
+    assert_eq!(r.items.len(), 20);
+    assert!(r.items.iter().all(|it| !seen.contains(&it.item_id)));
+    assert!(r
+        .items
+        .windows(2)
+        .all(|w| w[0].retrieval_score >= w[1].retrieval_score));
+
     // Bad requests name the field.
     for (r, field) in [
         (req("", 10), "user_id"),

@@ -63,6 +63,38 @@ fn opt(v: f32) -> Option<f32> {
     (!v.is_nan()).then_some(v)
 }
 
+fn to_pb(it: cascade_core::ScoredItem) -> pb::ScoredItem {
+    pb::ScoredItem {
+        item_id: it.item_id,
+        title: it.title,
+        score: it.score,
+        retrieval_score: opt(it.retrieval_score),
+        predicted_rating: opt(it.predicted_rating),
+    }
+}
+
+fn items_to_pb(r: cascade_core::RankResponse) -> pb::ScoredItems {
+    pb::ScoredItems {
+        items: r.items.into_iter().map(to_pb).collect(),
+        model_version: r.model_version,
+        cold_start: r.cold_start,
+    }
+}
+
+impl CascadeService {
+    /// Run model work on the blocking pool and map its error.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || f(&engine))
+            .await
+            .map_err(|e| Status::internal(format!("model worker failed: {e}")))?
+            .map_err(to_status)
+    }
+}
+
 #[tonic::async_trait]
 impl Cascade for CascadeService {
     async fn predict(
@@ -76,23 +108,9 @@ impl Cascade for CascadeService {
             num_candidates: r.num_candidates as usize,
             exclude_item_ids: r.exclude_item_ids,
         };
-        let engine = self.engine.clone();
-        let resp = tokio::task::spawn_blocking(move || engine.predict(&core_req))
-            .await
-            .map_err(|e| Status::internal(format!("predict worker failed: {e}")))?
-            .map_err(to_status)?;
+        let resp = self.blocking(move |e| e.predict(&core_req)).await?;
         Ok(Response::new(pb::PredictResponse {
-            items: resp
-                .items
-                .into_iter()
-                .map(|it| pb::ScoredItem {
-                    item_id: it.item_id,
-                    title: it.title,
-                    score: it.score,
-                    retrieval_score: opt(it.retrieval_score),
-                    predicted_rating: opt(it.predicted_rating),
-                })
-                .collect(),
+            items: resp.items.into_iter().map(to_pb).collect(),
             model_version: resp.model_version,
             cold_start: resp.cold_start,
             timings: Some(pb::StageTimings {
@@ -102,6 +120,30 @@ impl Cascade for CascadeService {
                 total_us: resp.timings.total_us,
             }),
         }))
+    }
+
+    async fn rank(
+        &self,
+        req: Request<pb::RankRequest>,
+    ) -> Result<Response<pb::ScoredItems>, Status> {
+        let r = req.into_inner();
+        let resp = self
+            .blocking(move |e| e.rank(&r.user_id, &r.item_ids))
+            .await?;
+        Ok(Response::new(items_to_pb(resp)))
+    }
+
+    async fn retrieve(
+        &self,
+        req: Request<pb::RetrieveRequest>,
+    ) -> Result<Response<pb::ScoredItems>, Status> {
+        let r = req.into_inner();
+        let resp = self
+            .blocking(move |e| {
+                e.retrieve(&r.user_id, r.num_candidates as usize, &r.exclude_item_ids)
+            })
+            .await?;
+        Ok(Response::new(items_to_pb(resp)))
     }
 
     async fn get_model_info(

@@ -8,7 +8,7 @@ use cascade_core::Engine;
 use cascade_data::synthetic::planted;
 use cascade_retrieval::IndexParams;
 use cascade_server::pb::cascade_client::CascadeClient;
-use cascade_server::pb::{GetModelInfoRequest, PredictRequest};
+use cascade_server::pb::{GetModelInfoRequest, PredictRequest, RankRequest, RetrieveRequest};
 use cascade_train::pipeline;
 use cascade_train::train::TrainConfig;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -131,6 +131,54 @@ async fn grpc_round_trip() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().starts_with(field), "{}", e.message());
     }
+
+    // Rank: input order; an unknown item is rejected naming the field.
+    let ids: Vec<String> = resp
+        .items
+        .iter()
+        .rev()
+        .map(|it| it.item_id.clone())
+        .collect();
+    let ranked = client
+        .rank(RankRequest {
+            user_id: "u3".into(),
+            item_ids: ids.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ranked
+            .items
+            .iter()
+            .map(|it| it.item_id.clone())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    let e = client
+        .rank(RankRequest {
+            user_id: "u3".into(),
+            item_ids: vec!["nope".into()],
+        })
+        .await
+        .expect_err("unknown item");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("item_ids") && e.message().contains("nope"),
+        "{}",
+        e.message()
+    );
+
+    let retrieved = client
+        .retrieve(RetrieveRequest {
+            user_id: "u3".into(),
+            num_candidates: 15,
+            exclude_item_ids: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retrieved.items.len(), 15);
 
     let info = client
         .get_model_info(GetModelInfoRequest {})

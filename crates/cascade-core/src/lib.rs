@@ -45,7 +45,7 @@ fn invalid(field: &'static str, msg: impl Into<String>) -> EngineError {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PredictRequest {
     pub user_id: String,
     /// Items to return, 1..=[`MAX_RESULTS`].
@@ -54,6 +54,10 @@ pub struct PredictRequest {
     pub num_candidates: usize,
     /// Never returned. Unknown IDs are ignored (they cannot be returned anyway).
     pub exclude_item_ids: Vec<String>,
+    /// When non-empty, retrieval is skipped and only these items are ranked
+    /// (minus `exclude_item_ids`; the seen-set filter is not applied: the
+    /// caller chose them). At most [`MAX_CANDIDATES`]; unknown IDs are rejected.
+    pub candidate_item_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -195,15 +199,36 @@ impl Engine {
         }
         let n_cand = self.candidates(req.num_candidates)?.max(req.num_results);
         let exclude = self.known_items(&req.exclude_item_ids);
+        let given = self.given_candidates(&req.candidate_item_ids, &exclude)?;
 
         let Some(&u) = self.user_index.get(&req.user_id) else {
-            return Ok(self.cold(&exclude, req.num_results, t0));
+            let mut cold = self.cold(&exclude, req.num_results, t0);
+            if let Some(ids) = given {
+                let mut items: Vec<u32> = ids;
+                items.sort_by(|&a, &b| {
+                    self.artifact.space.item_popularity[b as usize]
+                        .cmp(&self.artifact.space.item_popularity[a as usize])
+                        .then(a.cmp(&b))
+                });
+                items.truncate(req.num_results);
+                cold.items = items
+                    .into_iter()
+                    .map(|i| self.scored(i, self.popularity_scores(i)))
+                    .collect();
+            }
+            return Ok(cold);
         };
         let user_vec = self.user_vector(u)?;
         let t_user = t0.elapsed();
-        let cands = self.retrieve_for(u, &user_vec, n_cand, req.num_results, &exclude);
+        let ids: Vec<u32> = match given {
+            Some(ids) => ids,
+            None => self
+                .retrieve_for(u, &user_vec, n_cand, req.num_results, &exclude)
+                .into_iter()
+                .map(|c| c.0)
+                .collect(),
+        };
         let t_retr = t0.elapsed();
-        let ids: Vec<u32> = cands.iter().map(|c| c.0).collect();
         let mut items: Vec<(u32, Scores)> = ids
             .iter()
             .copied()
@@ -318,6 +343,36 @@ impl Engine {
             ));
         }
         Ok(n)
+    }
+
+    /// Caller-supplied candidates as item indices (deduplicated, order kept,
+    /// exclusions removed); `None` when the caller supplied none.
+    fn given_candidates(
+        &self,
+        ids: &[String],
+        exclude: &HashSet<u32>,
+    ) -> Result<Option<Vec<u32>>, EngineError> {
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        if ids.len() > MAX_CANDIDATES {
+            return Err(invalid(
+                "candidate_item_ids",
+                format!("at most {MAX_CANDIDATES} IDs, got {}", ids.len()),
+            ));
+        }
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let &i = self
+                .item_index
+                .get(id)
+                .ok_or_else(|| invalid("candidate_item_ids", format!("unknown item {id:?}")))?;
+            if !exclude.contains(&i) && seen.insert(i) {
+                out.push(i);
+            }
+        }
+        Ok(Some(out))
     }
 
     fn known_items(&self, ids: &[String]) -> HashSet<u32> {

@@ -56,6 +56,7 @@ fn req(user: &str, k: usize) -> PredictRequest {
         num_results: k,
         num_candidates: 0,
         exclude_item_ids: Vec::new(),
+        candidate_item_ids: Vec::new(),
     }
 }
 
@@ -131,6 +132,35 @@ fn pipeline_behaviour() {
         .items
         .iter()
         .all(|it| it.retrieval_score.is_nan() && it.predicted_rating.is_nan()));
+
+    // Caller-supplied candidates: only those are ranked, exclusions still apply.
+    let given: Vec<String> = ["i2", "i5", "i9", "i13", "i6"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let only = e
+        .predict(&PredictRequest {
+            candidate_item_ids: given.clone(),
+            exclude_item_ids: vec!["i9".into()],
+            ..req(user, 10)
+        })
+        .unwrap();
+    let got: HashSet<String> = only.items.iter().map(|it| it.item_id.clone()).collect();
+    let want: HashSet<String> = ["i2", "i5", "i13", "i6"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(got, want);
+    assert!(matches!(
+        e.predict(&PredictRequest {
+            candidate_item_ids: vec!["zzz".into()],
+            ..req(user, 3)
+        }),
+        Err(EngineError::InvalidArgument {
+            field: "candidate_item_ids",
+            ..
+        })
+    ));
 
     // Rank scores given items in input order, consistent with Predict.
     let top: Vec<String> = first

@@ -107,6 +107,7 @@ impl Cascade for CascadeService {
             num_results: r.num_results as usize,
             num_candidates: r.num_candidates as usize,
             exclude_item_ids: r.exclude_item_ids,
+            candidate_item_ids: r.candidate_item_ids,
         };
         let resp = self.blocking(move |e| e.predict(&core_req)).await?;
         Ok(Response::new(pb::PredictResponse {

@@ -71,8 +71,7 @@ async fn grpc_round_trip() {
         .predict(PredictRequest {
             user_id: "u3".into(),
             num_results: 7,
-            num_candidates: 0,
-            exclude_item_ids: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -91,8 +90,7 @@ async fn grpc_round_trip() {
         .predict(PredictRequest {
             user_id: "someone-new".into(),
             num_results: 3,
-            num_candidates: 0,
-            exclude_item_ids: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()

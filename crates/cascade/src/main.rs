@@ -392,6 +392,7 @@ fn predict_cmd(a: PredictArgs) -> Result<()> {
         num_results: a.num_results,
         num_candidates: a.candidates,
         exclude_item_ids: a.exclude,
+        candidate_item_ids: Vec::new(),
     })?;
     println!(
         "user {} — model {}{} — {:.2} ms (user {:.2}, retrieval {:.2}, ranking {:.2})",

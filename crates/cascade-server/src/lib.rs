@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use cascade_core::{Engine, EngineError};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -51,11 +52,25 @@ pub fn to_status(e: EngineError) -> Status {
 pub struct CascadeService {
     engine: Arc<Engine>,
     device: String,
+    /// Bounds model work in flight; a request that finds no permit is refused
+    /// at once with RESOURCE_EXHAUSTED instead of queueing without bound.
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
 }
 
 impl CascadeService {
-    pub fn new(engine: Arc<Engine>, device: String) -> Self {
-        Self { engine, device }
+    pub fn new(engine: Arc<Engine>, device: String, max_in_flight: usize) -> Self {
+        Self {
+            engine,
+            device,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+        }
+    }
+
+    /// The in-flight limiter (exposed so tests can saturate it).
+    pub fn limiter(&self) -> Arc<Semaphore> {
+        self.in_flight.clone()
     }
 }
 
@@ -87,11 +102,21 @@ impl CascadeService {
         &self,
         f: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
     ) -> Result<T, Status> {
+        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "overloaded: {} requests already in flight",
+                self.max_in_flight
+            ))
+        })?;
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || f(&engine))
-            .await
-            .map_err(|e| Status::internal(format!("model worker failed: {e}")))?
-            .map_err(to_status)
+        // The permit lives until the model work ends, even if the caller left.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f(&engine)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("model worker failed: {e}")))?
+        .map_err(to_status)
     }
 }
 
@@ -167,6 +192,7 @@ impl Cascade for CascadeService {
 pub async fn serve(
     engine: Arc<Engine>,
     device: String,
+    max_in_flight: usize,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
@@ -182,7 +208,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let service = CascadeServer::new(CascadeService::new(engine, device))
+    let service = CascadeServer::new(CascadeService::new(engine, device, max_in_flight))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let drain_reporter = reporter.clone();

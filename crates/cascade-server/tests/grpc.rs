@@ -57,8 +57,9 @@ async fn grpc_round_trip() {
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(cascade_server::serve(
-        engine,
+        engine.clone(),
         "cpu".into(),
+        64,
         listener,
         async {
             let _ = stop_rx.await;
@@ -205,6 +206,25 @@ async fn grpc_round_trip() {
             .into_inner();
         assert_eq!(s.status, ServingStatus::Serving as i32, "{service:?}");
     }
+
+    // Overload: with every in-flight permit taken, requests are refused at once.
+    let svc = cascade_server::CascadeService::new(engine, "cpu".into(), 1);
+    let held = svc.limiter().try_acquire_owned().unwrap();
+    let req = || {
+        tonic::Request::new(PredictRequest {
+            user_id: "u3".into(),
+            num_results: 3,
+            ..Default::default()
+        })
+    };
+    let e = cascade_server::pb::cascade_server::Cascade::predict(&svc, req())
+        .await
+        .expect_err("overloaded");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    drop(held);
+    cascade_server::pb::cascade_server::Cascade::predict(&svc, req())
+        .await
+        .unwrap();
 
     stop_tx.send(()).unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(10), server)

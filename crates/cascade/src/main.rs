@@ -76,6 +76,9 @@ struct ServeArgs {
     /// Device for the models: cpu, cuda or cuda:N.
     #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
     device: String,
+    /// Requests doing model work at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CASCADE_MAX_IN_FLIGHT", default_value_t = 256)]
+    max_in_flight: usize,
 }
 
 #[derive(Args)]
@@ -351,7 +354,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     rt.block_on(async move {
         let listener = cascade_server::bind(a.listen).await?;
         tracing::info!("serving cascade.v1 on {}", listener.local_addr()?);
-        cascade_server::serve(engine, device, listener, shutdown_signal()).await?;
+        cascade_server::serve(engine, device, a.max_in_flight, listener, shutdown_signal()).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     tracing::info!("drained; exiting");

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cascade_core::{Engine, EngineError};
 use tokio::net::TcpListener;
@@ -96,12 +97,42 @@ fn items_to_pb(r: cascade_core::RankResponse) -> pb::ScoredItems {
     }
 }
 
+/// Below this much remaining time a request is not started at all.
+const MIN_BUDGET: Duration = Duration::from_millis(1);
+
+/// The caller's remaining time, from the `grpc-timeout` request header.
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("deadline expired; the request was abandoned")
+}
+
 impl CascadeService {
-    /// Run model work on the blocking pool and map its error.
+    /// Run model work on the blocking pool and map its error. With a caller
+    /// deadline, work that cannot start in time is skipped and a late result
+    /// is dropped: the caller gets DEADLINE_EXCEEDED either way.
     async fn blocking<T: Send + 'static>(
         &self,
+        deadline: Option<Duration>,
         f: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
     ) -> Result<T, Status> {
+        let arrived = Instant::now();
+        if deadline.is_some_and(|d| d < MIN_BUDGET) {
+            return Err(deadline_exceeded());
+        }
         let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "overloaded: {} requests already in flight",
@@ -109,14 +140,25 @@ impl CascadeService {
             ))
         })?;
         let engine = self.engine.clone();
+        let expires = deadline.map(|d| arrived + d);
         // The permit lives until the model work ends, even if the caller left.
-        tokio::task::spawn_blocking(move || {
+        let work = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            f(&engine)
-        })
-        .await
-        .map_err(|e| Status::internal(format!("model worker failed: {e}")))?
-        .map_err(to_status)
+            if expires.is_some_and(|t| Instant::now() >= t) {
+                return None; // waited too long for a thread: abandon
+            }
+            Some(f(&engine))
+        });
+        let joined = match expires {
+            Some(t) => tokio::time::timeout_at(t.into(), work)
+                .await
+                .map_err(|_| deadline_exceeded())?,
+            None => work.await,
+        };
+        joined
+            .map_err(|e| Status::internal(format!("model worker failed: {e}")))?
+            .ok_or_else(deadline_exceeded)?
+            .map_err(to_status)
     }
 }
 
@@ -126,6 +168,7 @@ impl Cascade for CascadeService {
         &self,
         req: Request<pb::PredictRequest>,
     ) -> Result<Response<pb::PredictResponse>, Status> {
+        let deadline = grpc_timeout(req.metadata());
         let r = req.into_inner();
         let core_req = cascade_core::PredictRequest {
             user_id: r.user_id,
@@ -134,7 +177,9 @@ impl Cascade for CascadeService {
             exclude_item_ids: r.exclude_item_ids,
             candidate_item_ids: r.candidate_item_ids,
         };
-        let resp = self.blocking(move |e| e.predict(&core_req)).await?;
+        let resp = self
+            .blocking(deadline, move |e| e.predict(&core_req))
+            .await?;
         Ok(Response::new(pb::PredictResponse {
             items: resp.items.into_iter().map(to_pb).collect(),
             model_version: resp.model_version,
@@ -152,9 +197,10 @@ impl Cascade for CascadeService {
         &self,
         req: Request<pb::RankRequest>,
     ) -> Result<Response<pb::ScoredItems>, Status> {
+        let deadline = grpc_timeout(req.metadata());
         let r = req.into_inner();
         let resp = self
-            .blocking(move |e| e.rank(&r.user_id, &r.item_ids))
+            .blocking(deadline, move |e| e.rank(&r.user_id, &r.item_ids))
             .await?;
         Ok(Response::new(items_to_pb(resp)))
     }
@@ -163,9 +209,10 @@ impl Cascade for CascadeService {
         &self,
         req: Request<pb::RetrieveRequest>,
     ) -> Result<Response<pb::ScoredItems>, Status> {
+        let deadline = grpc_timeout(req.metadata());
         let r = req.into_inner();
         let resp = self
-            .blocking(move |e| {
+            .blocking(deadline, move |e| {
                 e.retrieve(&r.user_id, r.num_candidates as usize, &r.exclude_item_ids)
             })
             .await?;
@@ -234,4 +281,28 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout_units() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        for (v, want) in [
+            ("2S", Some(Duration::from_secs(2))),
+            ("150m", Some(Duration::from_millis(150))),
+            ("7u", Some(Duration::from_micros(7))),
+            ("3M", Some(Duration::from_secs(180))),
+            ("1H", Some(Duration::from_secs(3600))),
+            ("5n", Some(Duration::from_nanos(5))),
+            ("5x", None),
+            ("S", None),
+        ] {
+            m.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), want, "{v}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
 }

@@ -207,6 +207,27 @@ async fn grpc_round_trip() {
         assert_eq!(s.status, ServingStatus::Serving as i32, "{service:?}");
     }
 
+    // Deadlines: an already-expired deadline is refused without work; a
+    // generous one succeeds.
+    let mut late = tonic::Request::new(PredictRequest {
+        user_id: "u3".into(),
+        num_results: 3,
+        ..Default::default()
+    });
+    late.set_timeout(std::time::Duration::from_micros(1));
+    let e = client.predict(late).await.expect_err("expired");
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    let mut ok = tonic::Request::new(PredictRequest {
+        user_id: "u3".into(),
+        num_results: 3,
+        ..Default::default()
+    });
+    ok.set_timeout(std::time::Duration::from_secs(30));
+    assert_eq!(
+        client.predict(ok).await.unwrap().into_inner().items.len(),
+        3
+    );
+
     // Overload: with every in-flight permit taken, requests are refused at once.
     let svc = cascade_server::CascadeService::new(engine, "cpu".into(), 1);
     let held = svc.limiter().try_acquire_owned().unwrap();

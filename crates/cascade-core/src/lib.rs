@@ -7,7 +7,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::{Mutex, RwLock};
 use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
 
 use candle_core::{Device, Tensor};
 use cascade_data::Item;
@@ -36,6 +39,11 @@ pub enum EngineError {
     Data(#[from] cascade_data::DataError),
     #[error("model: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error("event log {}: {msg}", path.display())]
+    EventLog {
+        path: std::path::PathBuf,
+        msg: String,
+    },
 }
 
 fn invalid(field: &'static str, msg: impl Into<String>) -> EngineError {
@@ -125,6 +133,21 @@ pub struct Engine {
     popular: Vec<u32>,
     weights: CascadeWeights,
     device: Device,
+    /// Items from accepted events, per user ID, in arrival order: they join
+    /// the user's seen set and recent history on the next request.
+    recorded: RwLock<HashMap<String, Vec<u32>>>,
+    /// The durable event log (path, file), when one is open.
+    log: Option<(std::path::PathBuf, Mutex<std::fs::File>)>,
+}
+
+/// One user–item interaction reported to `record_events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub user_id: String,
+    pub item_id: String,
+    /// What happened (`view`, `rating`, `click`, …); free text, not interpreted yet.
+    pub kind: String,
+    pub timestamp: i64,
 }
 
 impl Engine {
@@ -175,6 +198,8 @@ impl Engine {
             popular,
             weights,
             device: device.clone(),
+            recorded: RwLock::new(HashMap::new()),
+            log: None,
         })
     }
 
@@ -200,9 +225,12 @@ impl Engine {
         let n_cand = self.candidates(req.num_candidates)?.max(req.num_results);
         let exclude = self.known_items(&req.exclude_item_ids);
         let given = self.given_candidates(&req.candidate_item_ids, &exclude)?;
+        let recorded = self.recorded_items(&req.user_id);
+        // Retrieval never returns what the user interacted with since the artifact was built.
+        let exclude_seen: HashSet<u32> = exclude.iter().chain(&recorded).copied().collect();
 
         let Some(&u) = self.user_index.get(&req.user_id) else {
-            let mut cold = self.cold(&exclude, req.num_results, t0);
+            let mut cold = self.cold(&exclude_seen, req.num_results, t0);
             if let Some(ids) = given {
                 let mut items: Vec<u32> = ids;
                 items.sort_by(|&a, &b| {
@@ -218,12 +246,12 @@ impl Engine {
             }
             return Ok(cold);
         };
-        let user_vec = self.user_vector(u)?;
+        let user_vec = self.user_vector(u, &recorded)?;
         let t_user = t0.elapsed();
         let ids: Vec<u32> = match given {
             Some(ids) => ids,
             None => self
-                .retrieve_for(u, &user_vec, n_cand, req.num_results, &exclude)
+                .retrieve_for(u, &user_vec, n_cand, req.num_results, &exclude_seen)
                 .into_iter()
                 .map(|c| c.0)
                 .collect(),
@@ -272,7 +300,14 @@ impl Engine {
             }
         }
         let (scores, cold_start) = match self.user_index.get(user_id) {
-            Some(&u) => (self.rank_items(u, &self.user_vector(u)?, &ids)?, false),
+            Some(&u) => (
+                self.rank_items(
+                    u,
+                    &self.user_vector(u, &self.recorded_items(user_id))?,
+                    &ids,
+                )?,
+                false,
+            ),
             None => (
                 ids.iter().map(|&i| self.popularity_scores(i)).collect(),
                 true,
@@ -299,7 +334,9 @@ impl Engine {
     ) -> Result<RankResponse, EngineError> {
         check_user(user_id)?;
         let n = self.candidates(num_candidates)?;
-        let exclude = self.known_items(exclude_item_ids);
+        let recorded = self.recorded_items(user_id);
+        let mut exclude = self.known_items(exclude_item_ids);
+        exclude.extend(recorded.iter().copied());
         let Some(&u) = self.user_index.get(user_id) else {
             let cold = self.cold(&exclude, n, Instant::now());
             return Ok(RankResponse {
@@ -308,7 +345,7 @@ impl Engine {
                 model_version: cold.model_version,
             });
         };
-        let user_vec = self.user_vector(u)?;
+        let user_vec = self.user_vector(u, &recorded)?;
         let items = self
             .retrieve_for(u, &user_vec, n, n, &exclude)
             .into_iter()
@@ -409,15 +446,154 @@ impl Engine {
         }
     }
 
-    /// The user tower over the user's features and recent history.
-    fn user_vector(&self, u: u32) -> Result<Vec<f32>, EngineError> {
+    /// The user tower over the user's features and recent history; `recent`
+    /// (recorded since the artifact was built, oldest first) leads the history.
+    fn user_vector(&self, u: u32, recent: &[u32]) -> Result<Vec<f32>, EngineError> {
         let uidx = Tensor::new(&[u], &self.device)?;
+        let mut inputs = self.tables.users(&uidx)?;
+        if !recent.is_empty() {
+            let space = &self.artifact.space;
+            let len = space.dims.history_len.max(1);
+            let mut hist: Vec<u32> = recent.iter().rev().copied().collect();
+            hist.extend(
+                space.user_history[u as usize]
+                    .iter()
+                    .copied()
+                    .filter(|i| !recent.contains(i)),
+            );
+            hist.truncate(len);
+            let n = hist.len();
+            let mut weights = vec![1.0 / n as f32; n];
+            hist.resize(len, 0);
+            weights.resize(len, 0.0);
+            inputs.hist = Tensor::from_vec(hist, (1, len), &self.device)?;
+            inputs.hist_w = Tensor::from_vec(weights, (1, len), &self.device)?;
+        }
         Ok(self
             .artifact
             .two_tower
-            .user(&self.tables.users(&uidx)?)?
+            .user(&inputs)?
             .flatten_all()?
             .to_vec1()?)
+    }
+
+    fn recorded_items(&self, user_id: &str) -> Vec<u32> {
+        match self.recorded.read() {
+            Ok(m) => m.get(user_id).cloned().unwrap_or_default(),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .get(user_id)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Open (creating if needed) the append-only event log at `path` and
+    /// replay it. A torn final line (a crash mid-append) is skipped with a
+    /// warning; any other bad line is an error naming the line.
+    pub fn open_event_log(&mut self, path: &Path) -> Result<usize, EngineError> {
+        let err = |msg: String| EngineError::EventLog {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let mut replayed = 0;
+        if path.exists() {
+            let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+            let lines: Vec<&str> = text.split('\n').collect();
+            for (n, line) in lines.iter().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Event>(line) {
+                    Ok(ev) => {
+                        if let Some(&i) = self.item_index.get(&ev.item_id) {
+                            self.remember(&ev.user_id, i);
+                            replayed += 1;
+                        }
+                    }
+                    Err(_) if n + 1 == lines.len() => {
+                        // Cut it off so the next append starts on a clean line.
+                        tracing::warn!("{}: dropping a torn final line", path.display());
+                        let keep = text.rfind('\n').map(|p| p + 1).unwrap_or(0) as u64;
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(path)
+                            .and_then(|f| f.set_len(keep))
+                            .map_err(|e| err(e.to_string()))?;
+                    }
+                    Err(e) => return Err(err(format!("line {}: {e}", n + 1))),
+                }
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| err(e.to_string()))?;
+        self.log = Some((path.to_path_buf(), Mutex::new(file)));
+        Ok(replayed)
+    }
+
+    fn remember(&self, user_id: &str, item: u32) {
+        let mut m = match self.recorded.write() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let v = m.entry(user_id.to_string()).or_default();
+        if !v.contains(&item) {
+            v.push(item);
+        }
+    }
+
+    /// Validate and accept events: durably appended to the log (when open,
+    /// flushed to disk before returning), then visible to the user's next
+    /// request. All-or-nothing: one bad event rejects the batch.
+    pub fn record_events(&self, events: &[Event]) -> Result<usize, EngineError> {
+        if events.is_empty() {
+            return Err(invalid("events", "must not be empty"));
+        }
+        if events.len() > MAX_CANDIDATES {
+            return Err(invalid(
+                "events",
+                format!("at most {MAX_CANDIDATES} per call, got {}", events.len()),
+            ));
+        }
+        let mut items = Vec::with_capacity(events.len());
+        for (n, ev) in events.iter().enumerate() {
+            check_user(&ev.user_id)
+                .map_err(|_| invalid("events.user_id", format!("event {n}: must not be empty")))?;
+            let &i = self.item_index.get(&ev.item_id).ok_or_else(|| {
+                invalid(
+                    "events.item_id",
+                    format!("event {n}: unknown item {:?}", ev.item_id),
+                )
+            })?;
+            items.push(i);
+        }
+        if let Some((path, log)) = &self.log {
+            let mut buf = String::new();
+            for ev in events {
+                buf.push_str(
+                    &serde_json::to_string(ev).map_err(|e| invalid("events", e.to_string()))?,
+                );
+                buf.push('\n');
+            }
+            let mut f = match log.lock() {
+                Ok(f) => f,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            use std::io::Write;
+            f.write_all(buf.as_bytes())
+                .and_then(|_| f.sync_data())
+                .map_err(|e| EngineError::EventLog {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?;
+        }
+        for (ev, i) in events.iter().zip(items) {
+            self.remember(&ev.user_id, i);
+        }
+        Ok(events.len())
     }
 
     /// HNSW top-`n` with the seen-set filter and exclusions as the search

@@ -219,6 +219,31 @@ impl Cascade for CascadeService {
         Ok(Response::new(items_to_pb(resp)))
     }
 
+    async fn record_events(
+        &self,
+        req: Request<pb::RecordEventsRequest>,
+    ) -> Result<Response<pb::RecordEventsResponse>, Status> {
+        let deadline = grpc_timeout(req.metadata());
+        let events: Vec<cascade_core::Event> = req
+            .into_inner()
+            .events
+            .into_iter()
+            .map(|e| cascade_core::Event {
+                user_id: e.user_id,
+                item_id: e.item_id,
+                kind: e.kind,
+                timestamp: e.timestamp,
+            })
+            .collect();
+        // Blocking pool: the log append waits for the disk.
+        let accepted = self
+            .blocking(deadline, move |e| e.record_events(&events))
+            .await?;
+        Ok(Response::new(pb::RecordEventsResponse {
+            accepted: accepted as u32,
+        }))
+    }
+
     async fn get_model_info(
         &self,
         _req: Request<pb::GetModelInfoRequest>,

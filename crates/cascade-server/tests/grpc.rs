@@ -8,7 +8,9 @@ use cascade_core::Engine;
 use cascade_data::synthetic::planted;
 use cascade_retrieval::IndexParams;
 use cascade_server::pb::cascade_client::CascadeClient;
-use cascade_server::pb::{GetModelInfoRequest, PredictRequest, RankRequest, RetrieveRequest};
+use cascade_server::pb::{
+    Event, GetModelInfoRequest, PredictRequest, RankRequest, RecordEventsRequest, RetrieveRequest,
+};
 use cascade_train::pipeline;
 use cascade_train::train::TrainConfig;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -206,6 +208,45 @@ async fn grpc_round_trip() {
             .into_inner();
         assert_eq!(s.status, ServingStatus::Serving as i32, "{service:?}");
     }
+
+    // RecordEvents: the next Predict excludes the item.
+    let first = resp.items[0].item_id.clone();
+    let rec = client
+        .record_events(RecordEventsRequest {
+            events: vec![Event {
+                user_id: "u3".into(),
+                item_id: first.clone(),
+                kind: "view".into(),
+                timestamp: 1,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rec.accepted, 1);
+    let after = client
+        .predict(PredictRequest {
+            user_id: "u3".into(),
+            num_results: 7,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.items.iter().all(|it| it.item_id != first));
+    let e = client
+        .record_events(RecordEventsRequest {
+            events: vec![Event {
+                user_id: "u3".into(),
+                item_id: "nope".into(),
+                kind: "view".into(),
+                timestamp: 1,
+            }],
+        })
+        .await
+        .expect_err("unknown item");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("events.item_id"), "{}", e.message());
 
     // Deadlines: an already-expired deadline is refused without work; a
     // generous one succeeds.

@@ -76,6 +76,9 @@ struct ServeArgs {
     /// Device for the models: cpu, cuda or cuda:N.
     #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
     device: String,
+    /// Append-only log of accepted events, replayed at start-up.
+    #[arg(long, env = "CASCADE_EVENT_LOG", default_value = "data/events.log")]
+    event_log: PathBuf,
     /// Requests doing model work at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "CASCADE_MAX_IN_FLIGHT", default_value_t = 256)]
     max_in_flight: usize,
@@ -342,7 +345,14 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         cascade_model::Device::Cpu => "cpu".to_string(),
         other => format!("{:?}", other.location()),
     };
-    let engine = std::sync::Arc::new(cascade_core::Engine::load(&dir, &dev)?);
+    let mut engine = cascade_core::Engine::load(&dir, &dev)?;
+    if let Some(parent) = a.event_log.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let replayed = engine.open_event_log(&a.event_log)?;
+    tracing::info!("replayed {replayed} events from {}", a.event_log.display());
+    let engine = std::sync::Arc::new(engine);
     tracing::info!(
         "loaded {} from {} on {device}",
         engine.model_version(),

@@ -33,19 +33,14 @@ fn engine() -> (tempfile::TempDir, Engine) {
         progress: false,
         ..Default::default()
     };
-    let (report, models) = pipeline::evaluate(&ds, &text, &cfg, 40, false, &Device::Cpu).unwrap();
-    let serving = pipeline::ServingConfig::for_models(&cfg, &models, 40);
     let root = tempfile::tempdir().unwrap();
-    let (dir, _) = pipeline::write_artifact(
-        root.path(),
-        &ds,
-        &text,
-        &models,
-        &report,
-        &serving,
-        IndexParams::default(),
-    )
-    .unwrap();
+    let opts = pipeline::RunOptions {
+        candidates: 40,
+        with_rating: false,
+        index: IndexParams::default(),
+    };
+    let (_, dir, _) =
+        pipeline::train_artifact(root.path(), &ds, &text, &cfg, &opts, &Device::Cpu).unwrap();
     let engine = Engine::load(&dir, &Device::Cpu).unwrap();
     (root, engine)
 }

@@ -33,18 +33,13 @@ fn engine(root: &std::path::Path) -> Engine {
         progress: false,
         ..Default::default()
     };
-    let (report, models) = pipeline::evaluate(&ds, &text, &cfg, 30, false, &Device::Cpu).unwrap();
-    let serving = pipeline::ServingConfig::for_models(&cfg, &models, 30);
-    let (dir, _) = pipeline::write_artifact(
-        root,
-        &ds,
-        &text,
-        &models,
-        &report,
-        &serving,
-        IndexParams::default(),
-    )
-    .unwrap();
+    let opts = pipeline::RunOptions {
+        candidates: 30,
+        with_rating: false,
+        index: IndexParams::default(),
+    };
+    let (_, dir, _) =
+        pipeline::train_artifact(root, &ds, &text, &cfg, &opts, &Device::Cpu).unwrap();
     Engine::load(&dir, &Device::Cpu).unwrap()
 }
 

@@ -218,6 +218,32 @@ pub fn write_artifact(
     Ok((dest, m))
 }
 
+/// Knobs of one offline run beyond the training config.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    /// Retrieved candidates the ranker reorders in the cascade.
+    pub candidates: usize,
+    /// Also run the 90/10 rating protocol (RMSE/MAE).
+    pub with_rating: bool,
+    pub index: IndexParams,
+}
+
+/// The whole offline pipeline after embedding: evaluate (training the shipped
+/// models), then write a sealed artifact version under `root`.
+pub fn train_artifact(
+    root: &Path,
+    ds: &Dataset,
+    text: &[Vec<f32>],
+    cfg: &TrainConfig,
+    opts: &RunOptions,
+    dev: &Device,
+) -> Result<(EvalReport, PathBuf, Manifest), TrainError> {
+    let (report, models) = evaluate(ds, text, cfg, opts.candidates, opts.with_rating, dev)?;
+    let serving = ServingConfig::for_models(cfg, &models, opts.candidates);
+    let (dir, manifest) = write_artifact(root, ds, text, &models, &report, &serving, opts.index)?;
+    Ok((report, dir, manifest))
+}
+
 /// Plot every training curve of a report (ranking split, then rating split) as SVG.
 pub fn write_curves(path: &Path, report: &EvalReport) -> Result<(), TrainError> {
     let mut curves = report.ranking.curves.clone();

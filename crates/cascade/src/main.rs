@@ -238,8 +238,21 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
         progress: !a.quiet,
         ..Default::default()
     };
-    let (report, models) =
-        pipeline::evaluate(&ds, &text, &cfg, a.candidates, !a.skip_rating_eval, &dev)?;
+    let opts = pipeline::RunOptions {
+        candidates: a.candidates,
+        with_rating: !a.skip_rating_eval,
+        index: IndexParams::default(),
+    };
+    let (report, written) = if write {
+        let (report, dir, m) =
+            pipeline::train_artifact(&a.artifacts, &ds, &text, &cfg, &opts, &dev)?;
+        (report, Some((dir, m)))
+    } else {
+        (
+            pipeline::evaluate(&ds, &text, &cfg, opts.candidates, opts.with_rating, &dev)?.0,
+            None,
+        )
+    };
     print_report(&report);
     if let Some(p) = &a.curves {
         pipeline::write_curves(p, &report)?;
@@ -248,17 +261,7 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }
-    if write {
-        let serving = pipeline::ServingConfig::for_models(&cfg, &models, a.candidates);
-        let (dir, m) = pipeline::write_artifact(
-            &a.artifacts,
-            &ds,
-            &text,
-            &models,
-            &report,
-            &serving,
-            IndexParams::default(),
-        )?;
+    if let Some((dir, m)) = written {
         println!(
             "artifact {} written to {} (HNSW recall@100 vs exact: {:.4})",
             m.model_version,

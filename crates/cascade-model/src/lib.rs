@@ -58,3 +58,26 @@ pub fn select_device(spec: &str) -> Result<Device, ModelError> {
         ))),
     }
 }
+
+/// The device as users write it: `cpu` or `cuda:N` (what `--device` accepts,
+/// and what GetModelInfo and logs report).
+pub fn device_name(dev: &Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_spec_round_trip_on_cpu() {
+        let d = select_device("cpu").unwrap();
+        assert_eq!(device_name(&d), "cpu");
+        assert!(select_device("tpu").is_err());
+        assert!(select_device("cuda:x").is_err());
+    }
+}

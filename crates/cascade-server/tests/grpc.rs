@@ -17,6 +17,15 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+/// A Predict request for `user` with `k` results and defaults elsewhere.
+fn predict_req(user: &str, k: u32) -> PredictRequest {
+    PredictRequest {
+        user_id: user.into(),
+        num_results: k,
+        ..Default::default()
+    }
+}
+
 fn engine(root: &std::path::Path) -> Engine {
     let ds = planted(80, 120, 4, 20, 4);
     let text: Vec<Vec<f32>> = (0..ds.items.len())
@@ -66,11 +75,7 @@ async fn grpc_round_trip() {
     let url = format!("http://{addr}");
     let mut client = CascadeClient::connect(url.clone()).await.unwrap();
     let resp = client
-        .predict(PredictRequest {
-            user_id: "u3".into(),
-            num_results: 7,
-            ..Default::default()
-        })
+        .predict(predict_req("u3", 7))
         .await
         .unwrap()
         .into_inner();
@@ -85,11 +90,7 @@ async fn grpc_round_trip() {
     assert!(resp.timings.unwrap().total_us > 0);
 
     let cold = client
-        .predict(PredictRequest {
-            user_id: "someone-new".into(),
-            num_results: 3,
-            ..Default::default()
-        })
+        .predict(predict_req("someone-new", 3))
         .await
         .unwrap()
         .into_inner();
@@ -105,14 +106,7 @@ async fn grpc_round_trip() {
             },
             "user_id",
         ),
-        (
-            PredictRequest {
-                user_id: "u3".into(),
-                num_results: 0,
-                ..Default::default()
-            },
-            "num_results",
-        ),
+        (predict_req("u3", 0), "num_results"),
         (
             PredictRequest {
                 user_id: "u3".into(),
@@ -220,11 +214,7 @@ async fn grpc_round_trip() {
         .into_inner();
     assert_eq!(rec.accepted, 1);
     let after = client
-        .predict(PredictRequest {
-            user_id: "u3".into(),
-            num_results: 7,
-            ..Default::default()
-        })
+        .predict(predict_req("u3", 7))
         .await
         .unwrap()
         .into_inner();
@@ -248,11 +238,7 @@ async fn grpc_round_trip() {
     // "Timeout expired") answers first depends on when the request body
     // arrives, so both are accepted here; the handler's own answer is checked
     // deterministically below.
-    let mut late = tonic::Request::new(PredictRequest {
-        user_id: "u3".into(),
-        num_results: 3,
-        ..Default::default()
-    });
+    let mut late = tonic::Request::new(predict_req("u3", 3));
     late.set_timeout(std::time::Duration::from_micros(1));
     let e = client.predict(late).await.expect_err("expired");
     assert!(
@@ -260,11 +246,7 @@ async fn grpc_round_trip() {
             || (e.code() == tonic::Code::Cancelled && e.message().contains("Timeout expired")),
         "{e:?}"
     );
-    let mut ok = tonic::Request::new(PredictRequest {
-        user_id: "u3".into(),
-        num_results: 3,
-        ..Default::default()
-    });
+    let mut ok = tonic::Request::new(predict_req("u3", 3));
     ok.set_timeout(std::time::Duration::from_secs(30));
     assert_eq!(
         client.predict(ok).await.unwrap().into_inner().items.len(),
@@ -274,11 +256,7 @@ async fn grpc_round_trip() {
     // Overload: with every in-flight permit taken, requests are refused at once.
     let svc = cascade_server::CascadeService::new(engine, "cpu".into(), 1);
     // The handler's deadline check, without the transport in between.
-    let mut expired = tonic::Request::new(PredictRequest {
-        user_id: "u3".into(),
-        num_results: 3,
-        ..Default::default()
-    });
+    let mut expired = tonic::Request::new(predict_req("u3", 3));
     expired
         .metadata_mut()
         .insert("grpc-timeout", "1u".parse().unwrap());
@@ -287,13 +265,7 @@ async fn grpc_round_trip() {
         .expect_err("expired");
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
     let held = svc.limiter().try_acquire_owned().unwrap();
-    let req = || {
-        tonic::Request::new(PredictRequest {
-            user_id: "u3".into(),
-            num_results: 3,
-            ..Default::default()
-        })
-    };
+    let req = || tonic::Request::new(predict_req("u3", 3));
     let e = cascade_server::pb::cascade_server::Cascade::predict(&svc, req())
         .await
         .expect_err("overloaded");

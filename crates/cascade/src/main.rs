@@ -344,10 +344,7 @@ fn index_cmd(a: IndexArgs) -> Result<()> {
 fn serve_cmd(a: ServeArgs) -> Result<()> {
     let dir = resolve_artifact(&a.artifact)?;
     let dev = cascade_model::select_device(&a.device)?;
-    let device = match &dev {
-        cascade_model::Device::Cpu => "cpu".to_string(),
-        other => format!("{:?}", other.location()),
-    };
+    let device = cascade_model::device_name(&dev);
     let mut engine = cascade_core::Engine::load(&dir, &dev)?;
     if let Some(parent) = a.event_log.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)

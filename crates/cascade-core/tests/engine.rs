@@ -49,9 +49,7 @@ fn req(user: &str, k: usize) -> PredictRequest {
     PredictRequest {
         user_id: user.into(),
         num_results: k,
-        num_candidates: 0,
-        exclude_item_ids: Vec::new(),
-        candidate_item_ids: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -308,4 +306,124 @@ fn recorded_events_take_effect_and_survive_restart() {
     drop(again);
     let mut third = Engine::load(&dir, &Device::Cpu).unwrap();
     assert_eq!(third.open_event_log(&log).unwrap(), 3);
+}
+
+#[test]
+fn context_steers_cold_start_and_is_never_returned() {
+    let (_root, e) = engine();
+    let cluster = |id: &str| id[1..].parse::<usize>().unwrap() % CLUSTERS;
+    // An anonymous user looking at three cluster-1 items.
+    let context: Vec<String> = ["i1", "i5", "i9"].map(String::from).to_vec();
+    let steered = e
+        .predict(&PredictRequest {
+            context_item_ids: context.clone(),
+            ..req("anonymous", 10)
+        })
+        .unwrap();
+    assert!(steered.cold_start);
+    assert_eq!(steered.items.len(), 10);
+    assert!(steered
+        .items
+        .iter()
+        .all(|it| !context.contains(&it.item_id)));
+    assert!(steered.items.iter().all(|it| !it.retrieval_score.is_nan()));
+    let in_cluster = steered
+        .items
+        .iter()
+        .filter(|it| cluster(&it.item_id) == 1)
+        .count();
+    assert!(
+        in_cluster >= 7,
+        "{in_cluster}/10 from the context's cluster"
+    );
+    // Without context the same user gets popularity, which is flat across clusters.
+    let plain = e.predict(&req("anonymous", 10)).unwrap();
+    assert!(plain.items.iter().all(|it| it.retrieval_score.is_nan()));
+    assert_ne!(
+        plain.items.iter().map(|it| &it.item_id).collect::<Vec<_>>(),
+        steered
+            .items
+            .iter()
+            .map(|it| &it.item_id)
+            .collect::<Vec<_>>()
+    );
+    // Unknown context IDs are ignored; too many are rejected, naming the field.
+    let unknown = e
+        .predict(&PredictRequest {
+            context_item_ids: vec!["no-such".into()],
+            ..req("anonymous", 10)
+        })
+        .unwrap();
+    let ids = |r: &cascade_core::PredictResponse| -> Vec<String> {
+        r.items.iter().map(|it| it.item_id.clone()).collect()
+    };
+    assert_eq!(ids(&unknown), ids(&plain));
+    let e2 = e
+        .predict(&PredictRequest {
+            context_item_ids: vec!["i1".into(); cascade_core::MAX_CONTEXT + 1],
+            ..req("anonymous", 10)
+        })
+        .unwrap_err();
+    assert!(matches!(
+        e2,
+        EngineError::InvalidArgument {
+            field: "context.item_ids",
+            ..
+        }
+    ));
+    // A known user's context items are not returned either.
+    let known = e
+        .predict(&PredictRequest {
+            context_item_ids: context.clone(),
+            ..req("u2", 20)
+        })
+        .unwrap();
+    assert!(!known.cold_start);
+    assert!(known.items.iter().all(|it| !context.contains(&it.item_id)));
+}
+
+#[test]
+fn user_state_is_cached_until_the_user_records_an_event() {
+    let (_root, e) = engine();
+    let first = e.predict(&req("u7", 5)).unwrap();
+    assert!(!first.user_cache_hit);
+    let again = e.predict(&req("u7", 5)).unwrap();
+    assert!(again.user_cache_hit);
+    assert_eq!(again.items, first.items);
+    e.record_events(&[cascade_core::Event {
+        user_id: "u7".into(),
+        item_id: first.items[0].item_id.clone(),
+        kind: "view".into(),
+        timestamp: 3,
+    }])
+    .unwrap();
+    let after = e.predict(&req("u7", 5)).unwrap();
+    assert!(
+        !after.user_cache_hit,
+        "a new event must not be served from a stale cache entry"
+    );
+    assert!(after
+        .items
+        .iter()
+        .all(|it| it.item_id != first.items[0].item_id));
+    assert!(e.predict(&req("u7", 5)).unwrap().user_cache_hit);
+}
+
+#[test]
+fn reload_names_only_versions_under_the_root() {
+    let (root, e) = engine();
+    let version = e.model_version().to_string();
+    let h = cascade_core::EngineHandle::from_engine(e, &Device::Cpu, Default::default());
+    assert_eq!(h.root(), root.path());
+    // The newest version is the one serving: nothing to swap.
+    let r = h.reload(None).unwrap();
+    assert!(!r.swapped);
+    assert_eq!(r.model_version, version);
+    for bad in ["no-such-version", "..", "../etc", "a/b"] {
+        assert!(
+            matches!(h.reload(Some(bad)), Err(EngineError::NotFound(_))),
+            "{bad}"
+        );
+    }
+    assert_eq!(h.current().model_version(), version);
 }

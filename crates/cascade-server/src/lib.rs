@@ -1,19 +1,31 @@
-//! Cascade's gRPC surface: thin tonic handlers over [`cascade_core::Engine`],
-//! `grpc.health.v1` and server reflection (v1 and v1alpha).
+//! Cascade's gRPC surface: thin tonic handlers over [`cascade_core`],
+//! `grpc.health.v1` and server reflection (v1 and v1alpha), in one of four
+//! roles: `all` (every stage in process), `retrieval`, `ranker`, or `gateway`
+//! (validation and merge, calling the other two over gRPC with the remaining
+//! deadline).
 //!
-//! Model work runs on Tokio's blocking pool (dedicated threads), never on the
-//! async workers; every engine error maps to a gRPC status in one place.
+//! Model work runs on Tokio's blocking pool and the ranking threads, never on
+//! the async workers; every engine error maps to a gRPC status in one place.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cascade_core::{Engine, EngineError};
+use cascade_core::{CallCtx, Engine, EngineError, EngineHandle};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
+
+mod gateway;
+pub use gateway::Gateway;
+
+impl From<Gateway> for Backend {
+    fn from(g: Gateway) -> Self {
+        Backend::Gateway(Box::new(g))
+    }
+}
 
 pub mod pb {
     tonic::include_proto!("cascade.v1");
@@ -27,6 +39,9 @@ use pb::cascade_server::{Cascade, CascadeServer};
 /// Requests larger than this are refused by the codec (RESOURCE_EXHAUSTED).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
+/// The health service name that reports readiness.
+pub const READINESS_SERVICE: &str = "cascade.v1.Cascade";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("reflection: {0}")]
@@ -38,6 +53,43 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("endpoint {url:?}: {msg}")]
+    Endpoint { url: String, msg: String },
+}
+
+/// Which stages this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    All,
+    Gateway,
+    Retrieval,
+    Ranker,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Gateway => "gateway",
+            Role::Retrieval => "retrieval",
+            Role::Ranker => "ranker",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Role::All),
+            "gateway" => Ok(Role::Gateway),
+            "retrieval" => Ok(Role::Retrieval),
+            "ranker" => Ok(Role::Ranker),
+            _ => Err(format!(
+                "unknown role {s:?} (expected all, gateway, retrieval or ranker)"
+            )),
+        }
+    }
 }
 
 /// The one mapping from engine errors to gRPC status codes.
@@ -46,23 +98,36 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::InvalidArgument { field, msg } => {
             Status::invalid_argument(format!("{field}: {msg}"))
         }
+        EngineError::Overloaded(m) => Status::resource_exhausted(m),
+        EngineError::DeadlineExceeded => deadline_exceeded(),
+        EngineError::Cancelled => Status::cancelled("the caller went away"),
+        EngineError::NotFound(m) => Status::not_found(m),
         other => Status::internal(other.to_string()),
     }
 }
 
+/// What answers the requests: a model in process, or the other stages.
+#[derive(Clone)]
+pub enum Backend {
+    Local(Arc<EngineHandle>),
+    Gateway(Box<Gateway>),
+}
+
 pub struct CascadeService {
-    engine: Arc<Engine>,
+    backend: Backend,
+    role: Role,
     device: String,
-    /// Bounds model work in flight; a request that finds no permit is refused
-    /// at once with RESOURCE_EXHAUSTED instead of queueing without bound.
+    /// Bounds work in flight; a request that finds no permit is refused at
+    /// once with RESOURCE_EXHAUSTED instead of queueing without bound.
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
 }
 
 impl CascadeService {
-    pub fn new(engine: Arc<Engine>, device: String, max_in_flight: usize) -> Self {
+    pub fn new(backend: Backend, role: Role, device: String, max_in_flight: usize) -> Self {
         Self {
-            engine,
+            backend,
+            role,
             device,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
@@ -72,6 +137,69 @@ impl CascadeService {
     /// The in-flight limiter (exposed so tests can saturate it).
     pub fn limiter(&self) -> Arc<Semaphore> {
         self.in_flight.clone()
+    }
+
+    fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "overloaded: {} requests already in flight",
+                self.max_in_flight
+            ))
+        })
+    }
+
+    fn serves(&self, rpc: &str, roles: &[Role]) -> Result<(), Status> {
+        if self.role == Role::All || roles.contains(&self.role) {
+            Ok(())
+        } else {
+            Err(Status::unimplemented(format!(
+                "{rpc} is not served by a --role {} server",
+                self.role.as_str()
+            )))
+        }
+    }
+
+    fn local(&self) -> Result<&Arc<EngineHandle>, Status> {
+        match &self.backend {
+            Backend::Local(h) => Ok(h),
+            Backend::Gateway(_) => Err(Status::internal("no local model in this role")),
+        }
+    }
+
+    /// Run model work on the blocking pool against the version serving now
+    /// and map its error. Work that cannot start before the deadline is
+    /// skipped, queued ranking rows of a caller that left are dropped, and a
+    /// late result is discarded: the caller gets DEADLINE_EXCEEDED.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        deadline: Option<Duration>,
+        f: impl FnOnce(&Engine, &CallCtx) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let arrived = Instant::now();
+        if deadline.is_some_and(|d| d < MIN_BUDGET) {
+            return Err(deadline_exceeded());
+        }
+        let permit = self.permit()?;
+        // The request finishes on the version it started with, even across a reload.
+        let engine = self.local()?.current();
+        let ctx = CallCtx::with_deadline(deadline.map(|d| arrived + d));
+        let guard = ctx.guard();
+        let expires = ctx.expires;
+        let work = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            ctx.check()?;
+            f(&engine, &ctx)
+        });
+        let joined = match expires {
+            Some(t) => tokio::time::timeout_at(t.into(), work)
+                .await
+                .map_err(|_| deadline_exceeded())?,
+            None => work.await,
+        };
+        guard.disarm();
+        joined
+            .map_err(|e| Status::internal(format!("model worker failed: {e}")))?
+            .map_err(to_status)
     }
 }
 
@@ -97,8 +225,24 @@ fn items_to_pb(r: cascade_core::RankResponse) -> pb::ScoredItems {
     }
 }
 
+fn context_ids(c: Option<pb::Context>) -> Vec<String> {
+    c.map(|c| c.item_ids).unwrap_or_default()
+}
+
+/// The core request for a Predict message.
+pub fn core_predict(r: pb::PredictRequest) -> cascade_core::PredictRequest {
+    cascade_core::PredictRequest {
+        user_id: r.user_id,
+        num_results: r.num_results as usize,
+        num_candidates: r.num_candidates as usize,
+        exclude_item_ids: r.exclude_item_ids,
+        candidate_item_ids: r.candidate_item_ids,
+        context_item_ids: context_ids(r.context),
+    }
+}
+
 /// Below this much remaining time a request is not started at all.
-const MIN_BUDGET: Duration = Duration::from_millis(1);
+pub(crate) const MIN_BUDGET: Duration = Duration::from_millis(1);
 
 /// The caller's remaining time, from the `grpc-timeout` request header.
 pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
@@ -116,50 +260,8 @@ pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     })
 }
 
-fn deadline_exceeded() -> Status {
+pub(crate) fn deadline_exceeded() -> Status {
     Status::deadline_exceeded("deadline expired; the request was abandoned")
-}
-
-impl CascadeService {
-    /// Run model work on the blocking pool and map its error. With a caller
-    /// deadline, work that cannot start in time is skipped and a late result
-    /// is dropped: the caller gets DEADLINE_EXCEEDED either way.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        deadline: Option<Duration>,
-        f: impl FnOnce(&Engine) -> Result<T, EngineError> + Send + 'static,
-    ) -> Result<T, Status> {
-        let arrived = Instant::now();
-        if deadline.is_some_and(|d| d < MIN_BUDGET) {
-            return Err(deadline_exceeded());
-        }
-        let permit = self.in_flight.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "overloaded: {} requests already in flight",
-                self.max_in_flight
-            ))
-        })?;
-        let engine = self.engine.clone();
-        let expires = deadline.map(|d| arrived + d);
-        // The permit lives until the model work ends, even if the caller left.
-        let work = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            if expires.is_some_and(|t| Instant::now() >= t) {
-                return None; // waited too long for a thread: abandon
-            }
-            Some(f(&engine))
-        });
-        let joined = match expires {
-            Some(t) => tokio::time::timeout_at(t.into(), work)
-                .await
-                .map_err(|_| deadline_exceeded())?,
-            None => work.await,
-        };
-        joined
-            .map_err(|e| Status::internal(format!("model worker failed: {e}")))?
-            .ok_or_else(deadline_exceeded)?
-            .map_err(to_status)
-    }
 }
 
 #[tonic::async_trait]
@@ -168,27 +270,30 @@ impl Cascade for CascadeService {
         &self,
         req: Request<pb::PredictRequest>,
     ) -> Result<Response<pb::PredictResponse>, Status> {
+        self.serves("Predict", &[Role::Gateway])?;
         let deadline = grpc_timeout(req.metadata());
-        let r = req.into_inner();
-        let core_req = cascade_core::PredictRequest {
-            user_id: r.user_id,
-            num_results: r.num_results as usize,
-            num_candidates: r.num_candidates as usize,
-            exclude_item_ids: r.exclude_item_ids,
-            candidate_item_ids: r.candidate_item_ids,
-        };
+        if let Backend::Gateway(g) = &self.backend {
+            let _permit = self.permit()?;
+            return g
+                .predict(req.into_inner(), deadline)
+                .await
+                .map(Response::new);
+        }
+        let core_req = core_predict(req.into_inner());
         let resp = self
-            .blocking(deadline, move |e| e.predict(&core_req))
+            .blocking(deadline, move |e, ctx| e.predict_with(&core_req, ctx))
             .await?;
+        let t = resp.timings;
         Ok(Response::new(pb::PredictResponse {
             items: resp.items.into_iter().map(to_pb).collect(),
             model_version: resp.model_version,
             cold_start: resp.cold_start,
             timings: Some(pb::StageTimings {
-                user_state_us: resp.timings.user_state_us,
-                retrieval_us: resp.timings.retrieval_us,
-                ranking_us: resp.timings.ranking_us,
-                total_us: resp.timings.total_us,
+                user_state_us: t.user_state_us,
+                retrieval_us: t.retrieval_us,
+                ranking_us: t.ranking_us,
+                total_us: t.total_us,
+                rank_queue_us: t.rank_queue_us,
             }),
         }))
     }
@@ -197,10 +302,18 @@ impl Cascade for CascadeService {
         &self,
         req: Request<pb::RankRequest>,
     ) -> Result<Response<pb::ScoredItems>, Status> {
+        self.serves("Rank", &[Role::Ranker, Role::Gateway])?;
         let deadline = grpc_timeout(req.metadata());
+        if let Backend::Gateway(g) = &self.backend {
+            let _permit = self.permit()?;
+            return g.rank(req.into_inner(), deadline).await.map(Response::new);
+        }
         let r = req.into_inner();
+        let context = context_ids(r.context);
         let resp = self
-            .blocking(deadline, move |e| e.rank(&r.user_id, &r.item_ids))
+            .blocking(deadline, move |e, ctx| {
+                e.rank_with(&r.user_id, &r.item_ids, &context, ctx)
+            })
             .await?;
         Ok(Response::new(items_to_pb(resp)))
     }
@@ -209,11 +322,26 @@ impl Cascade for CascadeService {
         &self,
         req: Request<pb::RetrieveRequest>,
     ) -> Result<Response<pb::ScoredItems>, Status> {
+        self.serves("Retrieve", &[Role::Retrieval, Role::Gateway])?;
         let deadline = grpc_timeout(req.metadata());
+        if let Backend::Gateway(g) = &self.backend {
+            let _permit = self.permit()?;
+            return g
+                .retrieve(req.into_inner(), deadline)
+                .await
+                .map(Response::new);
+        }
         let r = req.into_inner();
+        let context = context_ids(r.context);
         let resp = self
-            .blocking(deadline, move |e| {
-                e.retrieve(&r.user_id, r.num_candidates as usize, &r.exclude_item_ids)
+            .blocking(deadline, move |e, _| {
+                e.retrieve_with(
+                    &r.user_id,
+                    r.num_candidates as usize,
+                    r.min_candidates as usize,
+                    &r.exclude_item_ids,
+                    &context,
+                )
             })
             .await?;
         Ok(Response::new(items_to_pb(resp)))
@@ -224,6 +352,13 @@ impl Cascade for CascadeService {
         req: Request<pb::RecordEventsRequest>,
     ) -> Result<Response<pb::RecordEventsResponse>, Status> {
         let deadline = grpc_timeout(req.metadata());
+        if let Backend::Gateway(g) = &self.backend {
+            let _permit = self.permit()?;
+            return g
+                .record_events(req.into_inner(), deadline)
+                .await
+                .map(Response::new);
+        }
         let events: Vec<cascade_core::Event> = req
             .into_inner()
             .events
@@ -237,7 +372,7 @@ impl Cascade for CascadeService {
             .collect();
         // Blocking pool: the log append waits for the disk.
         let accepted = self
-            .blocking(deadline, move |e| e.record_events(&events))
+            .blocking(deadline, move |e, _| e.record_events(&events))
             .await?;
         Ok(Response::new(pb::RecordEventsResponse {
             accepted: accepted as u32,
@@ -246,25 +381,66 @@ impl Cascade for CascadeService {
 
     async fn get_model_info(
         &self,
-        _req: Request<pb::GetModelInfoRequest>,
+        req: Request<pb::GetModelInfoRequest>,
     ) -> Result<Response<pb::ModelInfo>, Status> {
-        let (users, items, dim) = self.engine.shape();
+        if let Backend::Gateway(g) = &self.backend {
+            let deadline = grpc_timeout(req.metadata());
+            let mut info = g.model_info(deadline).await?;
+            info.role = self.role.as_str().into();
+            return Ok(Response::new(info));
+        }
+        let engine = self.local()?.current();
+        let (users, items, dim) = engine.shape();
         Ok(Response::new(pb::ModelInfo {
-            model_version: self.engine.model_version().to_string(),
+            model_version: engine.model_version().to_string(),
             num_users: users as u32,
             num_items: items as u32,
             embedding_dim: dim as u32,
             device: self.device.clone(),
+            artifact_dir: engine.dir().display().to_string(),
+            role: self.role.as_str().into(),
         }))
     }
+
+    async fn reload_model(
+        &self,
+        req: Request<pb::ReloadModelRequest>,
+    ) -> Result<Response<pb::ReloadModelResponse>, Status> {
+        if let Backend::Gateway(g) = &self.backend {
+            return g.reload(req.into_inner()).await.map(Response::new);
+        }
+        let handle = self.local()?.clone();
+        let version = req.into_inner().version;
+        // Loading and warming take a while: off the async workers, and not
+        // counted against the in-flight limit that guards request work.
+        let r = tokio::task::spawn_blocking(move || {
+            handle.reload(Some(version.as_str()).filter(|v| !v.is_empty()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("reload failed: {e}")))?
+        .map_err(to_status)?;
+        Ok(Response::new(pb::ReloadModelResponse {
+            model_version: r.model_version,
+            previous_version: r.previous_version,
+            swapped: r.swapped,
+            load_ms: r.load_time.as_millis() as u64,
+        }))
+    }
+}
+
+/// How to serve.
+pub struct ServeOptions {
+    pub role: Role,
+    /// Reported by GetModelInfo ("cpu", "cuda:0", or "remote" for a gateway).
+    pub device: String,
+    pub max_in_flight: usize,
 }
 
 /// Serve on `listener` until `shutdown` resolves; then readiness turns
 /// NOT_SERVING and in-flight requests drain before this returns.
 pub async fn serve(
-    engine: Arc<Engine>,
-    device: String,
-    max_in_flight: usize,
+    backend: Backend,
+    opts: ServeOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
@@ -280,9 +456,14 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let service = CascadeServer::new(CascadeService::new(engine, device, max_in_flight))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let service = CascadeServer::new(CascadeService::new(
+        backend,
+        opts.role,
+        opts.device,
+        opts.max_in_flight,
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let drain_reporter = reporter.clone();
     let shutdown = async move {
         shutdown.await;
@@ -329,5 +510,35 @@ mod tests {
             assert_eq!(grpc_timeout(&m), want, "{v}");
         }
         assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn every_engine_error_class_has_its_code() {
+        use tonic::Code;
+        let cases = [
+            (
+                EngineError::InvalidArgument {
+                    field: "user_id",
+                    msg: "x".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (EngineError::Overloaded("q".into()), Code::ResourceExhausted),
+            (EngineError::DeadlineExceeded, Code::DeadlineExceeded),
+            (EngineError::Cancelled, Code::Cancelled),
+            (EngineError::NotFound("v".into()), Code::NotFound),
+            (EngineError::Internal("p".into()), Code::Internal),
+        ];
+        for (e, code) in cases {
+            assert_eq!(to_status(e).code(), code);
+        }
+    }
+
+    #[test]
+    fn roles_parse() {
+        for r in [Role::All, Role::Gateway, Role::Retrieval, Role::Ranker] {
+            assert_eq!(r.as_str().parse::<Role>().unwrap(), r);
+        }
+        assert!("both".parse::<Role>().is_err());
     }
 }

@@ -1,16 +1,20 @@
 //! A real tonic server and client over TCP: Predict, validation errors as
 //! INVALID_ARGUMENT naming the field, GetModelInfo, health, graceful shutdown.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::Device;
-use cascade_core::Engine;
+use cascade_core::{BatchConfig, Engine, EngineConfig, EngineHandle, EventStore};
 use cascade_data::synthetic::planted;
 use cascade_retrieval::IndexParams;
 use cascade_server::pb::cascade_client::CascadeClient;
 use cascade_server::pb::{
-    Event, GetModelInfoRequest, PredictRequest, RankRequest, RecordEventsRequest, RetrieveRequest,
+    Context, Event, GetModelInfoRequest, PredictRequest, RankRequest, RecordEventsRequest,
+    ReloadModelRequest, RetrieveRequest,
 };
+use cascade_server::{Backend, Role, ServeOptions};
 use cascade_train::pipeline;
 use cascade_train::train::TrainConfig;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -26,7 +30,8 @@ fn predict_req(user: &str, k: u32) -> PredictRequest {
     }
 }
 
-fn engine(root: &std::path::Path) -> Engine {
+/// Train a small artifact with planted structure under `root`.
+fn trained(root: &std::path::Path) -> std::path::PathBuf {
     let ds = planted(80, 120, 4, 20, 4);
     let text: Vec<Vec<f32>> = (0..ds.items.len())
         .map(|i| (0..8).map(|j| ((i + j) % 5) as f32 / 5.0 - 0.5).collect())
@@ -47,33 +52,67 @@ fn engine(root: &std::path::Path) -> Engine {
         with_rating: false,
         index: IndexParams::default(),
     };
-    let (_, dir, _) =
-        pipeline::train_artifact(root, &ds, &text, &cfg, &opts, &Device::Cpu).unwrap();
-    Engine::load(&dir, &Device::Cpu).unwrap()
+    pipeline::train_artifact(root, &ds, &text, &cfg, &opts, &Device::Cpu)
+        .unwrap()
+        .1
+}
+
+fn handle(dir: &std::path::Path) -> Arc<EngineHandle> {
+    let engine = Engine::load(dir, &Device::Cpu).unwrap();
+    Arc::new(EngineHandle::from_engine(
+        engine,
+        &Device::Cpu,
+        Default::default(),
+    ))
+}
+
+/// A real server on an ephemeral port.
+struct Running {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), cascade_server::ServerError>>,
+}
+
+async fn start(backend: Backend, role: Role, max_in_flight: usize) -> Running {
+    let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = ServeOptions {
+        role,
+        device: "cpu".into(),
+        max_in_flight,
+    };
+    let task = tokio::spawn(cascade_server::serve(backend, opts, listener, async {
+        let _ = stop_rx.await;
+    }));
+    Running { url, stop, task }
+}
+
+impl Running {
+    async fn client(&self) -> CascadeClient<tonic::transport::Channel> {
+        CascadeClient::connect(self.url.clone()).await.unwrap()
+    }
+
+    async fn shut(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server did not drain")
+            .unwrap()
+            .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_round_trip() {
     let root = tempfile::tempdir().unwrap();
-    let engine = Arc::new(engine(root.path()));
-    let version = engine.model_version().to_string();
-    let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(cascade_server::serve(
-        engine.clone(),
-        "cpu".into(),
-        64,
-        listener,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-
-    let url = format!("http://{addr}");
-    let mut client = CascadeClient::connect(url.clone()).await.unwrap();
+    let h = handle(&trained(root.path()));
+    let version = h.current().model_version().to_string();
+    let server = start(Backend::Local(h.clone()), Role::All, 64).await;
+    let url = server.url.clone();
+    let mut client = server.client().await;
     let resp = client
         .predict(predict_req("u3", 7))
         .await
@@ -133,6 +172,7 @@ async fn grpc_round_trip() {
         .rank(RankRequest {
             user_id: "u3".into(),
             item_ids: ids.clone(),
+            context: None,
         })
         .await
         .unwrap()
@@ -149,6 +189,7 @@ async fn grpc_round_trip() {
         .rank(RankRequest {
             user_id: "u3".into(),
             item_ids: vec!["nope".into()],
+            context: None,
         })
         .await
         .expect_err("unknown item");
@@ -163,7 +204,7 @@ async fn grpc_round_trip() {
         .retrieve(RetrieveRequest {
             user_id: "u3".into(),
             num_candidates: 15,
-            exclude_item_ids: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -254,7 +295,7 @@ async fn grpc_round_trip() {
     );
 
     // Overload: with every in-flight permit taken, requests are refused at once.
-    let svc = cascade_server::CascadeService::new(engine, "cpu".into(), 1);
+    let svc = cascade_server::CascadeService::new(Backend::Local(h), Role::All, "cpu".into(), 1);
     // The handler's deadline check, without the transport in between.
     let mut expired = tonic::Request::new(predict_req("u3", 3));
     expired
@@ -275,10 +316,314 @@ async fn grpc_round_trip() {
         .await
         .unwrap();
 
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+    server.shut().await;
+}
+
+/// Steady Predict load from `workers` clients until `stop`; returns
+/// (ok, failures as "code: message", model versions seen).
+fn load(
+    url: String,
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>, std::collections::BTreeSet<String>)> {
+    tokio::spawn(async move {
+        let ok = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for w in 0..workers {
+            let (url, stop, ok) = (url.clone(), stop.clone(), ok.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut client = CascadeClient::connect(url).await.unwrap();
+                let mut failures = Vec::new();
+                let mut versions = std::collections::BTreeSet::new();
+                let mut n = w;
+                while !stop.load(Ordering::Relaxed) {
+                    n += workers;
+                    match client
+                        .predict(predict_req(&format!("u{}", n % 80), 5))
+                        .await
+                    {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            assert_eq!(r.items.len(), 5);
+                            versions.insert(r.model_version);
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.push(format!("{:?}: {}", e.code(), e.message())),
+                    }
+                }
+                (failures, versions)
+            }));
+        }
+        let mut failures = Vec::new();
+        let mut versions = std::collections::BTreeSet::new();
+        for t in tasks {
+            let (f, v) = t.await.unwrap();
+            failures.extend(f);
+            versions.extend(v);
+        }
+        (ok.load(Ordering::Relaxed), failures, versions)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_fails_no_request() {
+    let root = tempfile::tempdir().unwrap();
+    let first = trained(root.path());
+    let h = handle(&first);
+    let v1 = h.current().model_version().to_string();
+    // A second version: the same models with another HNSW build.
+    let params = IndexParams {
+        ef_search: 64,
+        ..IndexParams::default()
+    };
+    let (second, m2) = pipeline::reindex(&first, root.path(), params).unwrap();
+    let v2 = m2.model_version.clone();
+    assert_ne!(v1, v2);
+    let server = start(Backend::Local(h.clone()), Role::All, 256).await;
+    let mut client = server.client().await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = load(server.url.clone(), 4, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir_name = |p: &std::path::Path| p.file_name().unwrap().to_str().unwrap().to_string();
+    for (target, want) in [(dir_name(&second), &v2), (dir_name(&first), &v1)] {
+        let r = client
+            .reload_model(ReloadModelRequest { version: target })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.swapped);
+        assert_eq!(&r.model_version, want);
+        let info = client
+            .get_model_info(GetModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&info.model_version, want);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Reloading what is serving is a no-op; an unknown version is NOT_FOUND
+    // and leaves the serving version alone.
+    let same = client
+        .reload_model(ReloadModelRequest {
+            version: dir_name(&first),
+        })
         .await
-        .expect("server did not drain")
         .unwrap()
-        .unwrap();
+        .into_inner();
+    assert!(!same.swapped);
+    let e = client
+        .reload_model(ReloadModelRequest {
+            version: "../elsewhere".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failures, versions) = traffic.await.unwrap();
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert!(ok > 20, "only {ok} requests completed");
+    assert!(
+        versions.contains(&v1) && versions.contains(&v2),
+        "{versions:?}"
+    );
+
+    // --watch: a version written later is picked up without a call.
+    let _watcher = h.watch(Duration::from_millis(100)).unwrap();
+    let (_, m3) = pipeline::reindex(&first, root.path(), IndexParams::default()).unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let info = client
+            .get_model_info(GetModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if info.model_version == m3.model_version {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "watcher never swapped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shut().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_roles_return_what_all_returns() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = trained(root.path());
+    let all = start(Backend::Local(handle(&dir)), Role::All, 64).await;
+    let retrieval = start(Backend::Local(handle(&dir)), Role::Retrieval, 64).await;
+    let ranker = start(Backend::Local(handle(&dir)), Role::Ranker, 64).await;
+    let gw = cascade_server::Gateway::new(&retrieval.url, &ranker.url).unwrap();
+    let gateway = start(gw.into(), Role::Gateway, 64).await;
+    let mut a = all.client().await;
+    let mut g = gateway.client().await;
+
+    let ctx = |ids: &[&str]| {
+        Some(Context {
+            item_ids: ids.iter().map(|s| s.to_string()).collect(),
+        })
+    };
+    let mut cases: Vec<PredictRequest> =
+        (0..12).map(|u| predict_req(&format!("u{u}"), 10)).collect();
+    cases.extend([
+        predict_req("stranger", 8),
+        PredictRequest {
+            exclude_item_ids: vec!["i1".into(), "i5".into(), "no-such".into()],
+            ..predict_req("u1", 10)
+        },
+        PredictRequest {
+            candidate_item_ids: ["i3", "i7", "i3", "i11", "i2", "i40"]
+                .map(String::from)
+                .to_vec(),
+            exclude_item_ids: vec!["i7".into()],
+            ..predict_req("u2", 4)
+        },
+        PredictRequest {
+            candidate_item_ids: ["i3", "i7", "i11", "i2"].map(String::from).to_vec(),
+            ..predict_req("stranger", 3)
+        },
+        PredictRequest {
+            context: ctx(&["i1", "i5", "i9"]),
+            ..predict_req("stranger", 10)
+        },
+        PredictRequest {
+            context: ctx(&["i2", "i6"]),
+            ..predict_req("u4", 10)
+        },
+        // More results than the model's 30 default candidates.
+        predict_req("u5", 45),
+        PredictRequest {
+            num_candidates: 50,
+            ..predict_req("u6", 20)
+        },
+    ]);
+    for req in cases {
+        let want = a.predict(req.clone()).await.unwrap().into_inner();
+        let got = g.predict(req.clone()).await.unwrap().into_inner();
+        let ids = |r: &cascade_server::pb::PredictResponse| -> Vec<String> {
+            r.items.iter().map(|it| it.item_id.clone()).collect()
+        };
+        assert_eq!(ids(&got), ids(&want), "{req:?}");
+        assert_eq!(got.cold_start, want.cold_start, "{req:?}");
+        assert_eq!(got.model_version, want.model_version);
+        for (x, y) in got.items.iter().zip(&want.items) {
+            assert!(
+                (x.score - y.score).abs() <= 1e-5 * y.score.abs().max(1.0),
+                "{req:?}"
+            );
+        }
+        assert!(!want.items.is_empty());
+    }
+
+    // Bad input is rejected by the gateway naming the caller's field.
+    for (req, field) in [
+        (predict_req("u1", 0), "num_results"),
+        (predict_req("", 3), "user_id"),
+        (
+            PredictRequest {
+                candidate_item_ids: vec!["i1".into(), "no-such".into()],
+                ..predict_req("u1", 3)
+            },
+            "candidate_item_ids",
+        ),
+    ] {
+        let e = g.predict(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with(field), "{}", e.message());
+    }
+    // An expired deadline is not forwarded.
+    let svc = cascade_server::CascadeService::new(
+        cascade_server::Gateway::new(&retrieval.url, &ranker.url)
+            .unwrap()
+            .into(),
+        Role::Gateway,
+        "remote".into(),
+        8,
+    );
+    let mut expired = tonic::Request::new(predict_req("u3", 3));
+    expired
+        .metadata_mut()
+        .insert("grpc-timeout", "1u".parse().unwrap());
+    let e = cascade_server::pb::cascade_server::Cascade::predict(&svc, expired)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+
+    // Events through the gateway reach both stages: the next Predict skips the item.
+    let top = g
+        .predict(predict_req("u8", 5))
+        .await
+        .unwrap()
+        .into_inner()
+        .items[0]
+        .item_id
+        .clone();
+    g.record_events(RecordEventsRequest {
+        events: vec![Event {
+            user_id: "u8".into(),
+            item_id: top.clone(),
+            kind: "view".into(),
+            timestamp: 9,
+        }],
+    })
+    .await
+    .unwrap();
+    let after = g.predict(predict_req("u8", 5)).await.unwrap().into_inner();
+    assert!(after.items.iter().all(|it| it.item_id != top));
+
+    // A stage answers only its own calls.
+    let mut r = retrieval.client().await;
+    let e = r.predict(predict_req("u1", 3)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    let info = g
+        .get_model_info(GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.role, "gateway");
+
+    for s in [gateway, all, retrieval, ranker] {
+        s.shut().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_requests_in_flight() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = trained(root.path());
+    // A long batching delay holds each Predict in the ranking queue, so
+    // requests are surely in flight when shutdown starts.
+    let cfg = EngineConfig {
+        batch: BatchConfig {
+            max_delay: Duration::from_millis(500),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let engine =
+        Engine::load_with(&dir, &Device::Cpu, cfg, Arc::new(EventStore::in_memory())).unwrap();
+    let h = Arc::new(EngineHandle::from_engine(engine, &Device::Cpu, cfg));
+    let server = start(Backend::Local(h), Role::All, 256).await;
+    let mut calls = Vec::new();
+    for u in 0..3 {
+        let mut c = server.client().await;
+        calls.push(tokio::spawn(async move {
+            c.predict(predict_req(&format!("u{u}"), 5)).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let url = server.url.clone();
+    server.shut().await;
+    for c in calls {
+        let r = c.await.unwrap().expect("an in-flight request was cut off");
+        assert_eq!(r.into_inner().items.len(), 5);
+    }
+    assert!(
+        CascadeClient::connect(url).await.is_err(),
+        "still accepting"
+    );
 }

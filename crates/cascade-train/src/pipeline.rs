@@ -289,23 +289,24 @@ fn build_index(
 }
 
 fn new_version(root: &Path, dataset_checksum: &str) -> Result<(String, u64, PathBuf), TrainError> {
-    let created = SystemTime::now()
+    let mut created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let version = format!(
-        "{created:012}-{}",
-        &dataset_checksum[..8.min(dataset_checksum.len())]
-    );
-    let dest = root.join(&version);
-    if dest.exists() {
-        // Never replace a sealed version (a server may be serving it).
-        return Err(TrainError::Invalid(format!(
-            "artifact version {} already exists",
-            dest.display()
-        )));
+    loop {
+        let version = format!(
+            "{created:012}-{}",
+            &dataset_checksum[..8.min(dataset_checksum.len())]
+        );
+        let dest = root.join(&version);
+        // Never replace a sealed version (a server may be serving it): two
+        // versions written in the same second get consecutive stamps, so
+        // names stay unique and sort in creation order.
+        if !dest.exists() {
+            return Ok((version, created, dest));
+        }
+        created += 1;
     }
-    Ok((version, created, dest))
 }
 
 /// Rebuild the HNSW index of a verified artifact with new parameters into a new

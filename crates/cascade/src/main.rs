@@ -1,9 +1,10 @@
-//! `cascade`: the one binary. Offline subcommands today: fetch, train, eval, verify.
+//! `cascade`: the one binary: fetch, train, eval, index, verify, predict, serve.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use cascade_core::{BatchConfig, EngineConfig, EngineHandle, EventStore};
 use cascade_data::fetch::{self, Source};
 use cascade_data::Dataset;
 use cascade_retrieval::IndexParams;
@@ -40,7 +41,7 @@ enum Cmd {
     Index(IndexArgs),
     /// Recommend items for one user from an artifact, in process, as a table.
     Predict(PredictArgs),
-    /// Serve the gRPC API (Predict, GetModelInfo, health, reflection) from an artifact.
+    /// Serve the gRPC API (all-in-one, or one stage of a split deployment).
     Serve(ServeArgs),
     /// Verify an artifact directory (manifest, checksums, dimensions) and load it.
     Verify {
@@ -67,21 +68,57 @@ struct FetchArgs {
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Artifact version directory, or a root (the newest version is used).
+    /// Artifact root holding versions (the newest is served), or one version directory.
     #[arg(long, env = "CASCADE_ARTIFACT", default_value = "artifacts")]
     artifact: PathBuf,
     /// Address to listen on.
     #[arg(long, env = "CASCADE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: std::net::SocketAddr,
+    /// Which stages to run: all (one process), gateway, retrieval or ranker.
+    #[arg(long, env = "CASCADE_ROLE", default_value = "all")]
+    role: cascade_server::Role,
+    /// Retrieval server for --role gateway (http://host:port).
+    #[arg(long, env = "CASCADE_RETRIEVAL_ENDPOINT")]
+    retrieval_endpoint: Option<String>,
+    /// Ranker server for --role gateway (http://host:port).
+    #[arg(long, env = "CASCADE_RANKER_ENDPOINT")]
+    ranker_endpoint: Option<String>,
     /// Device for the models: cpu, cuda or cuda:N.
     #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
     device: String,
     /// Append-only log of accepted events, replayed at start-up.
     #[arg(long, env = "CASCADE_EVENT_LOG", default_value = "data/events.log")]
     event_log: PathBuf,
-    /// Requests doing model work at once; more are refused with RESOURCE_EXHAUSTED.
+    /// Requests doing work at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "CASCADE_MAX_IN_FLIGHT", default_value_t = 256)]
     max_in_flight: usize,
+    /// Ranking rows packed into one forward at most.
+    #[arg(long, env = "CASCADE_BATCH_MAX_ROWS", default_value_t = BatchConfig::default().max_rows)]
+    batch_max_rows: usize,
+    /// How long (µs) a ranking worker holding rows waits for more; 0 packs only what is queued.
+    #[arg(long, env = "CASCADE_BATCH_MAX_DELAY_US", default_value_t = 0)]
+    batch_max_delay_us: u64,
+    /// Ranking worker threads.
+    #[arg(long, env = "CASCADE_RANK_THREADS", default_value_t = BatchConfig::default().threads)]
+    rank_threads: usize,
+    /// Ranking jobs allowed to wait; beyond it requests get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CASCADE_RANK_QUEUE", default_value_t = BatchConfig::default().queue)]
+    rank_queue: usize,
+    /// Users whose computed state is cached.
+    #[arg(long, env = "CASCADE_USER_CACHE", default_value_t = EngineConfig::default().user_cache)]
+    user_cache: u64,
+    /// Poll the artifact root every this many seconds and serve a newer version when one appears (0: off).
+    #[arg(long, env = "CASCADE_WATCH_SECS", default_value_t = 0)]
+    watch_secs: u64,
+    /// With no artifact under --artifact, fetch MovieLens-100K and MiniLM (as needed) and train one first.
+    #[arg(long, env = "CASCADE_TRAIN_IF_MISSING")]
+    train_if_missing: bool,
+    /// Dataset used by --train-if-missing.
+    #[arg(long, env = "CASCADE_DATA", default_value = "data/ml-100k")]
+    data: PathBuf,
+    /// MiniLM directory used by --train-if-missing.
+    #[arg(long, env = "CASCADE_MINILM", default_value = "data/minilm")]
+    minilm: PathBuf,
 }
 
 #[derive(Args)]
@@ -342,33 +379,113 @@ fn index_cmd(a: IndexArgs) -> Result<()> {
 }
 
 fn serve_cmd(a: ServeArgs) -> Result<()> {
-    let dir = resolve_artifact(&a.artifact)?;
-    let dev = cascade_model::select_device(&a.device)?;
-    let device = cascade_model::device_name(&dev);
-    let mut engine = cascade_core::Engine::load(&dir, &dev)?;
-    if let Some(parent) = a.event_log.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let replayed = engine.open_event_log(&a.event_log)?;
-    tracing::info!("replayed {replayed} events from {}", a.event_log.display());
-    let engine = std::sync::Arc::new(engine);
-    tracing::info!(
-        "loaded {} from {} on {device}",
-        engine.model_version(),
-        dir.display()
-    );
+    use cascade_server::{Backend, Role, ServeOptions};
+    let (backend, device) = if a.role == Role::Gateway {
+        let (Some(retrieval), Some(ranker)) = (&a.retrieval_endpoint, &a.ranker_endpoint) else {
+            anyhow::bail!("--role gateway needs --retrieval-endpoint and --ranker-endpoint");
+        };
+        let g = cascade_server::Gateway::new(retrieval, ranker)?;
+        tracing::info!("gateway to retrieval {retrieval} and ranker {ranker}");
+        (Backend::from(g), "remote".to_string())
+    } else {
+        if a.train_if_missing
+            && cascade_model::artifact::latest_version(&a.artifact).is_err()
+            && !a.artifact.join(cascade_model::artifact::MANIFEST).exists()
+        {
+            train_first(&a)?;
+        }
+        let dev = cascade_model::select_device(&a.device)?;
+        let device = cascade_model::device_name(&dev);
+        if let Some(parent) = a.event_log.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let (events, replayed) = EventStore::open(&a.event_log)?;
+        tracing::info!("replayed {replayed} events from {}", a.event_log.display());
+        let cfg = EngineConfig {
+            batch: BatchConfig {
+                max_rows: a.batch_max_rows.max(1),
+                max_delay: std::time::Duration::from_micros(a.batch_max_delay_us),
+                threads: a.rank_threads.max(1),
+                queue: a.rank_queue.max(1),
+            },
+            user_cache: a.user_cache,
+        };
+        let t0 = Instant::now();
+        let handle = std::sync::Arc::new(
+            EngineHandle::open(&a.artifact, &dev, cfg, std::sync::Arc::new(events))
+                .with_context(|| format!("loading a model from {}", a.artifact.display()))?,
+        );
+        let engine = handle.current();
+        tracing::info!(
+            "loaded and warmed {} from {} on {device} in {:.1}s",
+            engine.model_version(),
+            engine.dir().display(),
+            t0.elapsed().as_secs_f64()
+        );
+        if a.watch_secs > 0 {
+            handle.watch(std::time::Duration::from_secs(a.watch_secs))?;
+            tracing::info!(
+                "watching {} every {}s for new versions",
+                handle.root().display(),
+                a.watch_secs
+            );
+        }
+        (Backend::Local(handle), device)
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let opts = ServeOptions {
+        role: a.role,
+        device,
+        max_in_flight: a.max_in_flight,
+    };
     rt.block_on(async move {
         let listener = cascade_server::bind(a.listen).await?;
-        tracing::info!("serving cascade.v1 on {}", listener.local_addr()?);
-        cascade_server::serve(engine, device, a.max_in_flight, listener, shutdown_signal()).await?;
+        tracing::info!(
+            "serving cascade.v1 (--role {}) on {}",
+            a.role.as_str(),
+            listener.local_addr()?
+        );
+        cascade_server::serve(backend, opts, listener, shutdown_signal()).await?;
         Ok::<_, anyhow::Error>(())
     })?;
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// `serve --train-if-missing`: fetch what is missing, then train an artifact.
+fn train_first(a: &ServeArgs) -> Result<()> {
+    tracing::info!(
+        "no artifact under {}: training one from {} first (a few minutes)",
+        a.artifact.display(),
+        a.data.display()
+    );
+    let cache = PathBuf::from("data/.cache");
+    if !a.data.join("interactions.csv").exists() {
+        fetch::movielens_100k(&a.data, &cache, Source::Auto)?;
+    }
+    if !a.minilm.join("config.json").exists() {
+        fetch::minilm(&a.minilm, &cache, Source::Auto)?;
+    }
+    train_cmd(
+        TrainArgs {
+            data: a.data.clone(),
+            minilm: a.minilm.clone(),
+            artifacts: a.artifact.clone(),
+            cache,
+            seed: 2026,
+            patience: TrainConfig::default().patience,
+            candidates: 200,
+            skip_rating_eval: true,
+            report: None,
+            curves: None,
+            device: a.device.clone(),
+            quiet: true,
+        },
+        true,
+    )
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -405,7 +522,7 @@ fn predict_cmd(a: PredictArgs) -> Result<()> {
         num_results: a.num_results,
         num_candidates: a.candidates,
         exclude_item_ids: a.exclude,
-        candidate_item_ids: Vec::new(),
+        ..Default::default()
     })?;
     println!(
         "user {} — model {}{} — {:.2} ms (user {:.2}, retrieval {:.2}, ranking {:.2})",

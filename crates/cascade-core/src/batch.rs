@@ -1,0 +1,431 @@
+//! Dynamic batching across requests, on dedicated OS threads.
+//!
+//! Requests put their rows on a bounded queue; a worker takes the first job,
+//! packs more until the row budget is reached or the queue delay has passed,
+//! runs one forward for all of them and hands each job its slice. A full
+//! queue refuses at once (`Overloaded`); jobs whose caller has gone or whose
+//! deadline has passed are dropped before the forward. A panic in a forward
+//! fails that batch's jobs, not the worker or the server.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+
+use crate::EngineError;
+
+/// Batching knobs (Triton's `max_batch_size` / `max_queue_delay_microseconds`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchConfig {
+    /// Rows packed into one forward at most (a single larger job still runs whole).
+    pub max_rows: usize,
+    /// How long a worker holding a job waits for more before running; zero
+    /// packs only what is already queued.
+    pub max_delay: Duration,
+    /// Worker threads (each runs its own forwards).
+    pub threads: usize,
+    /// Jobs waiting at most; beyond it requests are refused with RESOURCE_EXHAUSTED.
+    pub queue: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: 4096,
+            max_delay: Duration::ZERO,
+            threads: 1,
+            queue: 1024,
+        }
+    }
+}
+
+/// When a request's work is no longer wanted: its deadline, or its caller
+/// going away (the gRPC handler's future was dropped).
+#[derive(Debug, Clone, Default)]
+pub struct CallCtx {
+    pub expires: Option<Instant>,
+    pub cancelled: Arc<AtomicBool>,
+}
+
+impl CallCtx {
+    pub fn with_deadline(expires: Option<Instant>) -> Self {
+        Self {
+            expires,
+            ..Default::default()
+        }
+    }
+
+    /// Why this call's work should stop now, if it should.
+    pub fn check(&self) -> Result<(), EngineError> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(EngineError::Cancelled);
+        }
+        if self.expires.is_some_and(|t| Instant::now() >= t) {
+            return Err(EngineError::DeadlineExceeded);
+        }
+        Ok(())
+    }
+
+    /// Marks the call cancelled when dropped, unless disarmed: a handler
+    /// holds one so that abandoning its future abandons the queued work.
+    pub fn guard(&self) -> CancelOnDrop {
+        CancelOnDrop(Some(self.cancelled.clone()))
+    }
+}
+
+pub struct CancelOnDrop(Option<Arc<AtomicBool>>);
+
+impl CancelOnDrop {
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = &self.0 {
+            f.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Something with a row count.
+pub trait Rows {
+    fn rows(&self) -> usize;
+}
+
+struct Job<I, O> {
+    input: I,
+    ctx: CallCtx,
+    queued: Instant,
+    reply: Sender<Result<(O, Duration), EngineError>>,
+}
+
+/// Counters the metrics layer reads.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    pub batches: AtomicU64,
+    pub rows: AtomicU64,
+    pub dropped: AtomicU64,
+    pub panics: AtomicU64,
+}
+
+/// The forward the workers run: one output per input, in order.
+pub type BatchFn<I, O> = dyn Fn(&[&I]) -> Result<Vec<O>, EngineError> + Send + Sync;
+
+pub struct Batcher<I, O> {
+    tx: Option<Sender<Job<I, O>>>,
+    workers: Vec<JoinHandle<()>>,
+    pub stats: Arc<BatchStats>,
+}
+
+impl<I: Rows + Send + 'static, O: Send + 'static> Batcher<I, O> {
+    pub fn spawn(name: &str, cfg: BatchConfig, run: Arc<BatchFn<I, O>>) -> std::io::Result<Self> {
+        let (tx, rx) = bounded::<Job<I, O>>(cfg.queue.max(1));
+        let stats = Arc::new(BatchStats::default());
+        let mut workers = Vec::new();
+        for n in 0..cfg.threads.max(1) {
+            let rx = rx.clone();
+            let run = run.clone();
+            let stats = stats.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("{name}-{n}"))
+                    .spawn(move || worker(rx, cfg, &*run, &stats))?,
+            );
+        }
+        Ok(Self {
+            tx: Some(tx),
+            workers,
+            stats,
+        })
+    }
+
+    /// Jobs waiting for a worker now.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.as_ref().map_or(0, Sender::len)
+    }
+
+    /// Queue `input` and wait for its output (blocking the calling thread,
+    /// which must not be an async worker). Returns the output and the time
+    /// the job waited in the queue.
+    pub fn run(&self, input: I, ctx: &CallCtx) -> Result<(O, Duration), EngineError> {
+        ctx.check()?;
+        let (reply, rx) = bounded(1);
+        let job = Job {
+            input,
+            ctx: ctx.clone(),
+            queued: Instant::now(),
+            reply,
+        };
+        let tx = self.tx.as_ref().ok_or(EngineError::Cancelled)?;
+        match tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(EngineError::Overloaded("ranking queue is full".into()))
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(EngineError::Internal("ranking workers stopped".into()))
+            }
+        }
+        match ctx.expires {
+            Some(t) => rx.recv_deadline(t).map_err(|e| match e {
+                RecvTimeoutError::Timeout => EngineError::DeadlineExceeded,
+                RecvTimeoutError::Disconnected => EngineError::Cancelled,
+            })?,
+            None => rx
+                .recv()
+                .map_err(|_| EngineError::Internal("ranking worker dropped a job".into()))?,
+        }
+    }
+}
+
+impl<I, O> Drop for Batcher<I, O> {
+    fn drop(&mut self) {
+        // Closing the queue ends the workers once it is empty; they are not
+        // joined here so that dropping an old model version never blocks.
+        self.tx = None;
+        self.workers.clear();
+    }
+}
+
+fn worker<I: Rows, O>(
+    rx: Receiver<Job<I, O>>,
+    cfg: BatchConfig,
+    run: &BatchFn<I, O>,
+    stats: &BatchStats,
+) {
+    let mut carry: Option<Job<I, O>> = None;
+    loop {
+        let first = match carry.take() {
+            Some(j) => j,
+            None => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return, // queue closed: this model version is gone
+            },
+        };
+        let mut rows = first.input.rows();
+        let mut jobs = vec![first];
+        let until = Instant::now() + cfg.max_delay;
+        while rows < cfg.max_rows {
+            let next = if cfg.max_delay.is_zero() {
+                rx.try_recv().ok()
+            } else {
+                rx.recv_deadline(until).ok()
+            };
+            let Some(j) = next else { break };
+            if rows + j.input.rows() > cfg.max_rows {
+                carry = Some(j);
+                break;
+            }
+            rows += j.input.rows();
+            jobs.push(j);
+        }
+        jobs.retain(|j| match j.ctx.check() {
+            Ok(()) => true,
+            Err(e) => {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                let _ = j.reply.send(Err(e));
+                false
+            }
+        });
+        if jobs.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let inputs: Vec<&I> = jobs.iter().map(|j| &j.input).collect();
+        let out = catch_unwind(AssertUnwindSafe(|| run(&inputs)));
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.rows.fetch_add(
+            inputs.iter().map(|i| i.rows() as u64).sum(),
+            Ordering::Relaxed,
+        );
+        match out {
+            Ok(Ok(outs)) if outs.len() == jobs.len() => {
+                for (j, o) in jobs.into_iter().zip(outs) {
+                    let _ = j.reply.send(Ok((o, started - j.queued)));
+                }
+            }
+            Ok(Ok(outs)) => {
+                let msg = format!(
+                    "batch returned {} outputs for {} jobs",
+                    outs.len(),
+                    jobs.len()
+                );
+                for j in jobs {
+                    let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
+                }
+            }
+            Ok(Err(e)) => {
+                let msg = e.to_string();
+                for j in jobs {
+                    let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
+                }
+            }
+            Err(panic) => {
+                stats.panics.fetch_add(1, Ordering::Relaxed);
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(
+                    "a ranking batch panicked ({what}); its requests fail, the worker goes on"
+                );
+                for j in jobs {
+                    let _ = j.reply.send(Err(EngineError::Internal(
+                        "the ranking batch failed".into(),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Rows for Vec<u32> {
+        fn rows(&self) -> usize {
+            self.len()
+        }
+    }
+
+    /// Doubles every value; panics on 666.
+    fn doubler() -> Arc<BatchFn<Vec<u32>, Vec<u32>>> {
+        Arc::new(|inputs: &[&Vec<u32>]| {
+            if inputs.iter().any(|v| v.contains(&666)) {
+                panic!("poisoned input");
+            }
+            Ok(inputs
+                .iter()
+                .map(|v| v.iter().map(|x| x * 2).collect())
+                .collect())
+        })
+    }
+
+    #[test]
+    fn outputs_go_back_to_their_own_callers() {
+        let b = Arc::new(Batcher::spawn("t", BatchConfig::default(), doubler()).unwrap());
+        let handles: Vec<_> = (0..16u32)
+            .map(|n| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let v: Vec<u32> = (0..n + 1).map(|i| i + n * 100).collect();
+                    let (out, _) = b.run(v.clone(), &CallCtx::default()).unwrap();
+                    assert_eq!(out, v.iter().map(|x| x * 2).collect::<Vec<_>>());
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(b.stats.rows.load(Ordering::Relaxed), (1..=16).sum::<u64>());
+    }
+
+    #[test]
+    fn concurrent_jobs_share_a_batch_within_the_delay() {
+        let cfg = BatchConfig {
+            max_delay: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let b = Arc::new(Batcher::spawn("t", cfg, doubler()).unwrap());
+        let handles: Vec<_> = (0..4u32)
+            .map(|n| {
+                let b = b.clone();
+                std::thread::spawn(move || b.run(vec![n], &CallCtx::default()).unwrap().0)
+            })
+            .collect();
+        let outs: Vec<Vec<u32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(outs, vec![vec![0], vec![2], vec![4], vec![6]]);
+        // Four jobs arrived well within 200 ms of the first: fewer forwards than jobs.
+        assert!(b.stats.batches.load(Ordering::Relaxed) < 4);
+    }
+
+    #[test]
+    fn row_budget_splits_batches() {
+        let cfg = BatchConfig {
+            max_rows: 3,
+            max_delay: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let b = Arc::new(Batcher::spawn("t", cfg, doubler()).unwrap());
+        let handles: Vec<_> = (0..6u32)
+            .map(|n| {
+                let b = b.clone();
+                std::thread::spawn(move || b.run(vec![n, n], &CallCtx::default()).unwrap().0)
+            })
+            .collect();
+        for h in handles {
+            assert_eq!(h.join().unwrap().len(), 2);
+        }
+        // Two-row jobs under a three-row budget: one job per forward.
+        assert_eq!(b.stats.batches.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn a_panicking_batch_fails_its_jobs_and_the_worker_survives() {
+        let b = Batcher::spawn("t", BatchConfig::default(), doubler()).unwrap();
+        let e = b.run(vec![1, 666], &CallCtx::default()).unwrap_err();
+        assert!(matches!(e, EngineError::Internal(_)), "{e:?}");
+        assert_eq!(b.stats.panics.load(Ordering::Relaxed), 1);
+        // The same (only) worker answers the next job.
+        assert_eq!(b.run(vec![4], &CallCtx::default()).unwrap().0, vec![8]);
+    }
+
+    #[test]
+    fn expired_and_cancelled_jobs_are_not_run() {
+        let b = Batcher::spawn("t", BatchConfig::default(), doubler()).unwrap();
+        let past = CallCtx::with_deadline(Some(Instant::now() - Duration::from_millis(1)));
+        assert!(matches!(
+            b.run(vec![1], &past),
+            Err(EngineError::DeadlineExceeded)
+        ));
+        let gone = CallCtx::default();
+        drop(gone.guard());
+        assert!(matches!(b.run(vec![1], &gone), Err(EngineError::Cancelled)));
+        assert_eq!(b.stats.rows.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        // One worker held inside a forward, a one-slot queue: the third job is refused.
+        let (started_tx, started) = bounded::<()>(4);
+        let (release, release_rx) = bounded::<()>(4);
+        let held: Arc<BatchFn<Vec<u32>, Vec<u32>>> = Arc::new(move |inputs: &[&Vec<u32>]| {
+            let _ = started_tx.send(());
+            let _ = release_rx.recv_timeout(Duration::from_secs(10));
+            Ok(inputs.iter().map(|v| (*v).clone()).collect())
+        });
+        let cfg = BatchConfig {
+            queue: 1,
+            max_rows: 1,
+            ..Default::default()
+        };
+        let b = Arc::new(Batcher::spawn("t", cfg, held).unwrap());
+        let run = |v: u32| {
+            let b = b.clone();
+            std::thread::spawn(move || b.run(vec![v], &CallCtx::default()))
+        };
+        let first = run(1);
+        started.recv().unwrap(); // the worker holds job 1
+        let second = run(2);
+        let t0 = Instant::now();
+        while b.queue_depth() < 1 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "job 2 never queued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(matches!(
+            b.run(vec![3], &CallCtx::default()),
+            Err(EngineError::Overloaded(_))
+        ));
+        release.send(()).unwrap();
+        release.send(()).unwrap();
+        assert_eq!(first.join().unwrap().unwrap().0, vec![1]);
+        assert_eq!(second.join().unwrap().unwrap().0, vec![2]);
+    }
+}

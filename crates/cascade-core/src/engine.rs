@@ -1,0 +1,795 @@
+//! One loaded model version: its immutable state ([`Model`]), the ranking
+//! batcher whose workers own a share of it, and the user-state cache.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use cascade_data::Item;
+use cascade_model::nn::PairInputs;
+use cascade_train::eval::CascadeWeights;
+use cascade_train::features::Tables;
+use cascade_train::pipeline::{Artifact, VECTORS_FILE};
+use fastbloom::BloomFilter;
+
+use crate::batch::{BatchConfig, Batcher, CallCtx, Rows};
+use crate::events::{Event, EventStore};
+use crate::{
+    check_context, check_user, invalid, EngineError, PredictRequest, PredictResponse, RankResponse,
+    ScoredItem, StageTimings, MAX_CANDIDATES, SEEN_FILTER_FP_RATE,
+};
+
+/// Serving knobs for one model version.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineConfig {
+    pub batch: BatchConfig,
+    /// Users whose computed state (the user tower's output) is kept, at most.
+    pub user_cache: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            batch: BatchConfig::default(),
+            user_cache: 100_000,
+        }
+    }
+}
+
+/// One item's scores: the ordering score, the two-tower score, the rating head.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scores {
+    score: f32,
+    retrieval: f32,
+    rating: f32,
+}
+
+/// Rows for the ranker: one user, its candidates and their two-tower scores.
+pub(crate) struct RankRows {
+    user: u32,
+    items: Vec<u32>,
+    tt: Vec<f32>,
+}
+
+impl Rows for RankRows {
+    fn rows(&self) -> usize {
+        self.items.len()
+    }
+}
+
+/// Everything immutable about a loaded version; the ranking workers hold a share.
+struct Model {
+    artifact: Artifact,
+    tables: Tables,
+    items: Vec<Item>,
+    user_index: HashMap<String, u32>,
+    item_index: HashMap<String, u32>,
+    seen: Vec<BloomFilter>,
+    /// Item indices by training popularity, most popular first (ties: lower index).
+    popular: Vec<u32>,
+    weights: CascadeWeights,
+    device: Device,
+}
+
+/// A user's computed state: the user tower's output given their recorded events.
+struct UserState {
+    vector: Vec<f32>,
+}
+
+pub struct Engine {
+    model: Arc<Model>,
+    ranker: Batcher<RankRows, Vec<Scores>>,
+    /// Keyed by (user ID, number of recorded events): a new event changes the
+    /// key, so a stale vector is never served and no invalidation can race.
+    users: moka::sync::Cache<(String, usize), Arc<UserState>>,
+    events: Arc<EventStore>,
+}
+
+impl Engine {
+    /// Load and verify an artifact directory with default knobs and an
+    /// in-memory event store.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        Self::load_with(
+            dir,
+            device,
+            EngineConfig::default(),
+            Arc::new(EventStore::in_memory()),
+        )
+    }
+
+    /// Load and verify an artifact directory and start its ranking workers.
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        cfg: EngineConfig,
+        events: Arc<EventStore>,
+    ) -> Result<Self, EngineError> {
+        let model = Arc::new(Model::load(dir, device)?);
+        let worker_model = model.clone();
+        let ranker = Batcher::spawn(
+            "cascade-rank",
+            cfg.batch,
+            Arc::new(move |jobs: &[&RankRows]| worker_model.score_rows(jobs)),
+        )
+        .map_err(|e| EngineError::Internal(format!("starting ranking threads: {e}")))?;
+        Ok(Self {
+            model,
+            ranker,
+            users: moka::sync::Cache::new(cfg.user_cache),
+            events,
+        })
+    }
+
+    /// Replace the event store with the log at `path`, replaying it; returns
+    /// the number of events replayed.
+    pub fn open_event_log(&mut self, path: &Path) -> Result<usize, EngineError> {
+        let (store, n) = EventStore::open(path)?;
+        self.events = Arc::new(store);
+        self.users.invalidate_all();
+        Ok(n)
+    }
+
+    pub fn events(&self) -> &Arc<EventStore> {
+        &self.events
+    }
+
+    /// Run one known-user and one unknown-user request through every stage,
+    /// so the first real request pays no first-touch costs.
+    pub fn warm(&self) -> Result<(), EngineError> {
+        let m = &self.model;
+        if let Some(user) = m.artifact.space.user_ids.first() {
+            let req = PredictRequest {
+                user_id: user.clone(),
+                num_results: 10,
+                ..Default::default()
+            };
+            let resp = self.predict_with(&req, &CallCtx::default())?;
+            // Not cached: the warm-up user must not skew hit rates.
+            self.users.invalidate_all();
+            if resp.items.is_empty() {
+                return Err(EngineError::Internal("warm-up returned no items".into()));
+            }
+        }
+        self.predict(&PredictRequest {
+            user_id: "\u{0}warm-up".into(),
+            num_results: 10,
+            ..Default::default()
+        })?;
+        Ok(())
+    }
+
+    /// (users, items, embedding dimension) of the loaded model.
+    pub fn shape(&self) -> (usize, usize, usize) {
+        let m = &self.model.artifact.manifest;
+        (m.num_users, m.num_items, m.embedding_dim)
+    }
+
+    pub fn model_version(&self) -> &str {
+        &self.model.artifact.manifest.model_version
+    }
+
+    /// The artifact directory this version was loaded from.
+    pub fn dir(&self) -> &PathBuf {
+        &self.model.artifact.dir
+    }
+
+    /// Ranking jobs waiting for a worker.
+    pub fn rank_queue_depth(&self) -> usize {
+        self.ranker.queue_depth()
+    }
+
+    pub fn batch_stats(&self) -> &crate::batch::BatchStats {
+        &self.ranker.stats
+    }
+
+    pub fn predict(&self, req: &PredictRequest) -> Result<PredictResponse, EngineError> {
+        self.predict_with(req, &CallCtx::default())
+    }
+
+    pub fn predict_with(
+        &self,
+        req: &PredictRequest,
+        ctx: &CallCtx,
+    ) -> Result<PredictResponse, EngineError> {
+        let t0 = Instant::now();
+        req.validate()?;
+        let m = &*self.model;
+        let n_cand = m.candidates(req.num_candidates)?.max(req.num_results);
+        let exclude = m.known_items(&req.exclude_item_ids);
+        let given = m.given_candidates(&req.candidate_item_ids, &exclude)?;
+        let context = m.known_list(&req.context_item_ids);
+        let recorded = m.known_list(&self.events.items(&req.user_id));
+        // Retrieval never returns what the user interacted with since the
+        // artifact was built, nor what they are looking at.
+        let exclude_seen: HashSet<u32> = exclude
+            .iter()
+            .chain(&recorded)
+            .chain(&context)
+            .copied()
+            .collect();
+
+        let Some(&u) = m.user_index.get(&req.user_id) else {
+            let items = match given {
+                Some(ids) => m.by_popularity(ids),
+                None => m.cold(&context, &exclude_seen, n_cand),
+            };
+            let total = t0.elapsed();
+            return Ok(PredictResponse {
+                items: items
+                    .into_iter()
+                    .take(req.num_results)
+                    .map(|(i, sc)| m.scored(i, sc))
+                    .collect(),
+                cold_start: true,
+                model_version: self.model_version().to_string(),
+                timings: StageTimings {
+                    retrieval_us: micros(total),
+                    total_us: micros(total),
+                    ..Default::default()
+                },
+                user_cache_hit: false,
+            });
+        };
+        ctx.check()?;
+        let (user, hit) = self.user_state(&req.user_id, u, &recorded, &context)?;
+        let t_user = t0.elapsed();
+        let ids: Vec<u32> = match given {
+            Some(ids) => ids,
+            None => m
+                .retrieve_for(u, &user.vector, n_cand, &exclude_seen)
+                .into_iter()
+                .map(|c| c.0)
+                .collect(),
+        };
+        let t_retr = t0.elapsed();
+        let (scores, queued) = self.rank_items(u, &user.vector, &ids, ctx)?;
+        let mut items: Vec<(u32, Scores)> = ids.iter().copied().zip(scores).collect();
+        sort_best_first(&mut items);
+        items.truncate(req.num_results);
+        let t_rank = t0.elapsed();
+        Ok(PredictResponse {
+            items: items.into_iter().map(|(i, sc)| m.scored(i, sc)).collect(),
+            cold_start: false,
+            model_version: self.model_version().to_string(),
+            timings: StageTimings {
+                user_state_us: micros(t_user),
+                retrieval_us: micros(t_retr - t_user),
+                ranking_us: micros(t_rank - t_retr),
+                rank_queue_us: micros(queued),
+                total_us: micros(t_rank),
+            },
+            user_cache_hit: hit,
+        })
+    }
+
+    /// Score the given items for the user, in input order (the load testers'
+    /// endpoint). Unknown item IDs are rejected, naming the first one.
+    pub fn rank(&self, user_id: &str, item_ids: &[String]) -> Result<RankResponse, EngineError> {
+        self.rank_with(user_id, item_ids, &[], &CallCtx::default())
+    }
+
+    pub fn rank_with(
+        &self,
+        user_id: &str,
+        item_ids: &[String],
+        context_item_ids: &[String],
+        ctx: &CallCtx,
+    ) -> Result<RankResponse, EngineError> {
+        check_user(user_id)?;
+        check_context(context_item_ids)?;
+        let m = &*self.model;
+        if item_ids.is_empty() || item_ids.len() > MAX_CANDIDATES {
+            return Err(invalid(
+                "item_ids",
+                format!("must hold 1..={MAX_CANDIDATES} IDs, got {}", item_ids.len()),
+            ));
+        }
+        let mut ids = Vec::with_capacity(item_ids.len());
+        for id in item_ids {
+            match m.item_index.get(id) {
+                Some(&i) => ids.push(i),
+                None => return Err(invalid("item_ids", format!("unknown item {id:?}"))),
+            }
+        }
+        let (scores, cold_start) = match m.user_index.get(user_id) {
+            Some(&u) => {
+                let recorded = m.known_list(&self.events.items(user_id));
+                let context = m.known_list(context_item_ids);
+                let (user, _) = self.user_state(user_id, u, &recorded, &context)?;
+                (self.rank_items(u, &user.vector, &ids, ctx)?.0, false)
+            }
+            None => (ids.iter().map(|&i| m.popularity_scores(i)).collect(), true),
+        };
+        Ok(RankResponse {
+            items: ids
+                .iter()
+                .zip(scores)
+                .map(|(&i, sc)| m.scored(i, sc))
+                .collect(),
+            cold_start,
+            model_version: self.model_version().to_string(),
+        })
+    }
+
+    /// Retrieval alone: candidates by two-tower score (seen and excluded items
+    /// filtered in the search, popularity filling any shortfall), best first.
+    pub fn retrieve(
+        &self,
+        user_id: &str,
+        num_candidates: usize,
+        exclude_item_ids: &[String],
+    ) -> Result<RankResponse, EngineError> {
+        self.retrieve_with(user_id, num_candidates, 0, exclude_item_ids, &[])
+    }
+
+    /// Retrieval returning at least `min_candidates` (the gateway passes
+    /// Predict's `num_results`, as the in-process Predict does).
+    pub fn retrieve_with(
+        &self,
+        user_id: &str,
+        num_candidates: usize,
+        min_candidates: usize,
+        exclude_item_ids: &[String],
+        context_item_ids: &[String],
+    ) -> Result<RankResponse, EngineError> {
+        check_user(user_id)?;
+        check_context(context_item_ids)?;
+        if min_candidates > MAX_CANDIDATES {
+            return Err(invalid(
+                "min_candidates",
+                format!("must be at most {MAX_CANDIDATES}, got {min_candidates}"),
+            ));
+        }
+        let m = &*self.model;
+        let n = m.candidates(num_candidates)?.max(min_candidates);
+        let recorded = m.known_list(&self.events.items(user_id));
+        let context = m.known_list(context_item_ids);
+        let mut exclude = m.known_items(exclude_item_ids);
+        exclude.extend(recorded.iter().chain(&context).copied());
+        let Some(&u) = m.user_index.get(user_id) else {
+            return Ok(RankResponse {
+                items: m
+                    .cold(&context, &exclude, n)
+                    .into_iter()
+                    .map(|(i, sc)| m.scored(i, sc))
+                    .collect(),
+                cold_start: true,
+                model_version: self.model_version().to_string(),
+            });
+        };
+        let (user, _) = self.user_state(user_id, u, &recorded, &context)?;
+        let items = m
+            .retrieve_for(u, &user.vector, n, &exclude)
+            .into_iter()
+            .map(|(i, tt)| {
+                m.scored(
+                    i,
+                    Scores {
+                        score: tt,
+                        retrieval: tt,
+                        rating: f32::NAN,
+                    },
+                )
+            })
+            .collect();
+        Ok(RankResponse {
+            items,
+            cold_start: false,
+            model_version: self.model_version().to_string(),
+        })
+    }
+
+    /// Validate and accept events: durably appended to the log (when open,
+    /// flushed to disk before returning), then visible to the user's next
+    /// request. All-or-nothing: one bad event rejects the batch.
+    pub fn record_events(&self, events: &[Event]) -> Result<usize, EngineError> {
+        if events.is_empty() {
+            return Err(invalid("events", "must not be empty"));
+        }
+        if events.len() > MAX_CANDIDATES {
+            return Err(invalid(
+                "events",
+                format!("at most {MAX_CANDIDATES} per call, got {}", events.len()),
+            ));
+        }
+        for (n, ev) in events.iter().enumerate() {
+            check_user(&ev.user_id)
+                .map_err(|_| invalid("events.user_id", format!("event {n}: must not be empty")))?;
+            if !self.model.item_index.contains_key(&ev.item_id) {
+                return Err(invalid(
+                    "events.item_id",
+                    format!("event {n}: unknown item {:?}", ev.item_id),
+                ));
+            }
+        }
+        self.events.append(events)?;
+        Ok(events.len())
+    }
+
+    /// The user tower's output for a known user, from the cache when the
+    /// user has no request context (context makes it request-specific).
+    fn user_state(
+        &self,
+        user_id: &str,
+        u: u32,
+        recorded: &[u32],
+        context: &[u32],
+    ) -> Result<(Arc<UserState>, bool), EngineError> {
+        if !context.is_empty() {
+            let mut recent = recorded.to_vec();
+            recent.extend(context.iter().filter(|i| !recorded.contains(i)));
+            let vector = self.model.user_vector(u, &recent)?;
+            return Ok((Arc::new(UserState { vector }), false));
+        }
+        let key = (user_id.to_string(), recorded.len());
+        if let Some(s) = self.users.get(&key) {
+            return Ok((s, true));
+        }
+        let state = Arc::new(UserState {
+            vector: self.model.user_vector(u, recorded)?,
+        });
+        self.users.insert(key, state.clone());
+        Ok((state, false))
+    }
+
+    /// The ranker over `items` for user `u`, through the batching queue.
+    fn rank_items(
+        &self,
+        u: u32,
+        user_vec: &[f32],
+        items: &[u32],
+        ctx: &CallCtx,
+    ) -> Result<(Vec<Scores>, Duration), EngineError> {
+        if items.is_empty() {
+            return Ok((Vec::new(), Duration::ZERO));
+        }
+        let tt: Vec<f32> = items.iter().map(|&i| self.model.tt(user_vec, i)).collect();
+        self.ranker.run(
+            RankRows {
+                user: u,
+                items: items.to_vec(),
+                tt,
+            },
+            ctx,
+        )
+    }
+
+    /// Items the user interacted with in training (for tests and tools).
+    pub fn training_items(&self, user_id: &str) -> Option<Vec<String>> {
+        let m = &self.model;
+        let u = *m.user_index.get(user_id)?;
+        Some(
+            m.artifact.space.user_seen[u as usize]
+                .iter()
+                .map(|&i| m.items[i as usize].id.clone())
+                .collect(),
+        )
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+/// Best first; equal scores keep their input order (retrieval order, or the
+/// caller's), so the result is deterministic and the same in every role.
+fn sort_best_first(items: &mut [(u32, Scores)]) {
+    items.sort_by(|a, b| b.1.score.total_cmp(&a.1.score));
+}
+
+impl Model {
+    fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
+        let artifact = Artifact::load(dir, device)?;
+        let (items, item_index) = cascade_data::format::read_items(&dir.join("items.csv"))?;
+        let vectors = candle_core::safetensors::load(dir.join(VECTORS_FILE), &Device::Cpu)?;
+        let text: Vec<Vec<f32>> = vectors
+            .get("item_text")
+            .ok_or_else(|| EngineError::Internal(format!("{VECTORS_FILE} lacks item_text")))?
+            .to_vec2()?;
+        let tables = Tables::build(&artifact.space, &items, &text, device)?;
+        let space = &artifact.space;
+        let user_index = space
+            .user_ids
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.clone(), i as u32))
+            .collect();
+        let seen = space
+            .user_seen
+            .iter()
+            .map(|s| {
+                let mut f = BloomFilter::with_false_pos(SEEN_FILTER_FP_RATE)
+                    .seed(&0x5eed)
+                    .expected_items(s.len().max(16));
+                for i in s {
+                    f.insert(i);
+                }
+                f
+            })
+            .collect();
+        let mut popular: Vec<u32> = (0..items.len() as u32).collect();
+        popular.sort_by(|&a, &b| {
+            space.item_popularity[b as usize]
+                .cmp(&space.item_popularity[a as usize])
+                .then(a.cmp(&b))
+        });
+        let weights = artifact.serving.cascade_weights;
+        Ok(Self {
+            artifact,
+            tables,
+            items,
+            user_index,
+            item_index,
+            seen,
+            popular,
+            weights,
+            device: device.clone(),
+        })
+    }
+
+    fn candidates(&self, requested: usize) -> Result<usize, EngineError> {
+        let n = if requested == 0 {
+            self.artifact.serving.candidates
+        } else {
+            requested
+        };
+        if n > MAX_CANDIDATES {
+            return Err(invalid(
+                "num_candidates",
+                format!("must be at most {MAX_CANDIDATES}, got {n}"),
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Caller-supplied candidates as item indices (deduplicated, order kept,
+    /// exclusions removed); `None` when the caller supplied none.
+    fn given_candidates(
+        &self,
+        ids: &[String],
+        exclude: &HashSet<u32>,
+    ) -> Result<Option<Vec<u32>>, EngineError> {
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let &i = self
+                .item_index
+                .get(id)
+                .ok_or_else(|| invalid("candidate_item_ids", format!("unknown item {id:?}")))?;
+            if !exclude.contains(&i) && seen.insert(i) {
+                out.push(i);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn known_items(&self, ids: &[String]) -> HashSet<u32> {
+        ids.iter()
+            .filter_map(|id| self.item_index.get(id).copied())
+            .collect()
+    }
+
+    /// Known IDs as indices, first occurrence order, duplicates dropped.
+    fn known_list(&self, ids: &[String]) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(&i) = self.item_index.get(id) {
+                if !out.contains(&i) {
+                    out.push(i);
+                }
+            }
+        }
+        out
+    }
+
+    fn popularity_scores(&self, i: u32) -> Scores {
+        Scores {
+            score: self.artifact.space.item_popularity[i as usize] as f32,
+            retrieval: f32::NAN,
+            rating: f32::NAN,
+        }
+    }
+
+    /// Caller-given items for an unknown user, most popular first.
+    fn by_popularity(&self, ids: Vec<u32>) -> Vec<(u32, Scores)> {
+        let mut items: Vec<(u32, Scores)> = ids
+            .into_iter()
+            .map(|i| (i, self.popularity_scores(i)))
+            .collect();
+        sort_best_first(&mut items);
+        items
+    }
+
+    /// Cold start: with context items, the items nearest their mean vector
+    /// (HNSW, exclusions in the predicate, popularity filling); without, the
+    /// most popular items not excluded.
+    fn cold(&self, context: &[u32], exclude: &HashSet<u32>, n: usize) -> Vec<(u32, Scores)> {
+        if !context.is_empty() {
+            let dim = self.artifact.item_vectors.first().map_or(0, Vec::len);
+            let mut q = vec![0f32; dim];
+            for &i in context {
+                for (a, b) in q.iter_mut().zip(&self.artifact.item_vectors[i as usize]) {
+                    *a += b;
+                }
+            }
+            let norm = q.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            q.iter_mut().for_each(|x| *x /= norm);
+            let keep = |i: usize| !exclude.contains(&(i as u32));
+            let mut out: Vec<(u32, Scores)> = self
+                .artifact
+                .index
+                .search(&q, n, Some(&keep))
+                .iter()
+                .map(|h| {
+                    let s = Scores {
+                        score: h.score,
+                        retrieval: h.score,
+                        rating: f32::NAN,
+                    };
+                    (h.item as u32, s)
+                })
+                .collect();
+            if out.len() < n {
+                let have: HashSet<u32> = out.iter().map(|c| c.0).collect();
+                let fill: Vec<(u32, Scores)> = self
+                    .popular
+                    .iter()
+                    .copied()
+                    .filter(|&i| keep(i as usize) && !have.contains(&i))
+                    .take(n - out.len())
+                    .map(|i| {
+                        let s = self.tt(&q, i);
+                        (
+                            i,
+                            Scores {
+                                score: s,
+                                retrieval: s,
+                                rating: f32::NAN,
+                            },
+                        )
+                    })
+                    .collect();
+                out.extend(fill);
+            }
+            return out;
+        }
+        self.popular
+            .iter()
+            .filter(|i| !exclude.contains(i))
+            .take(n)
+            .map(|&i| (i, self.popularity_scores(i)))
+            .collect()
+    }
+
+    /// The user tower over the user's features and recent history; `recent`
+    /// (recorded since the artifact was built, oldest first) leads the history.
+    fn user_vector(&self, u: u32, recent: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let uidx = Tensor::new(&[u], &self.device)?;
+        let mut inputs = self.tables.users(&uidx)?;
+        if !recent.is_empty() {
+            let space = &self.artifact.space;
+            let len = space.dims.history_len.max(1);
+            let mut hist: Vec<u32> = recent.iter().rev().copied().collect();
+            hist.extend(
+                space.user_history[u as usize]
+                    .iter()
+                    .copied()
+                    .filter(|i| !recent.contains(i)),
+            );
+            hist.truncate(len);
+            let n = hist.len();
+            let mut weights = vec![1.0 / n as f32; n];
+            hist.resize(len, 0);
+            weights.resize(len, 0.0);
+            inputs.hist = Tensor::from_vec(hist, (1, len), &self.device)?;
+            inputs.hist_w = Tensor::from_vec(weights, (1, len), &self.device)?;
+        }
+        Ok(self
+            .artifact
+            .two_tower
+            .user(&inputs)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
+    /// HNSW top-`n` with the seen-set filter and exclusions as the search
+    /// predicate; popularity fills up to `n`. Returns (item, two-tower score).
+    fn retrieve_for(
+        &self,
+        u: u32,
+        user_vec: &[f32],
+        n: usize,
+        exclude: &HashSet<u32>,
+    ) -> Vec<(u32, f32)> {
+        let seen = &self.seen[u as usize];
+        let keep = |i: usize| !exclude.contains(&(i as u32)) && !seen.contains(&(i as u32));
+        let mut cands: Vec<(u32, f32)> = self
+            .artifact
+            .index
+            .search(user_vec, n, Some(&keep))
+            .iter()
+            .map(|h| (h.item as u32, h.score))
+            .collect();
+        if cands.len() < n {
+            let have: HashSet<u32> = cands.iter().map(|c| c.0).collect();
+            let fill: Vec<(u32, f32)> = self
+                .popular
+                .iter()
+                .copied()
+                .filter(|&i| keep(i as usize) && !have.contains(&i))
+                .take(n - cands.len())
+                .map(|i| (i, self.tt(user_vec, i)))
+                .collect();
+            cands.extend(fill);
+        }
+        cands
+    }
+
+    fn tt(&self, user_vec: &[f32], i: u32) -> f32 {
+        self.artifact.item_vectors[i as usize]
+            .iter()
+            .zip(user_vec)
+            .map(|(a, b)| a * b)
+            .sum()
+    }
+
+    /// One ranker forward over every job's rows; one score list per job.
+    fn score_rows(&self, jobs: &[&RankRows]) -> Result<Vec<Vec<Scores>>, EngineError> {
+        let n: usize = jobs.iter().map(|j| j.items.len()).sum();
+        let mut users = Vec::with_capacity(n);
+        let mut items = Vec::with_capacity(n);
+        let mut tt = Vec::with_capacity(n);
+        for j in jobs {
+            users.extend(std::iter::repeat_n(j.user, j.items.len()));
+            items.extend_from_slice(&j.items);
+            tt.extend_from_slice(&j.tt);
+        }
+        let user_in = self
+            .tables
+            .users(&Tensor::from_vec(users, n, &self.device)?)?;
+        let item_in = self
+            .tables
+            .items
+            .select(&Tensor::from_vec(items, n, &self.device)?)?;
+        let tt_t = Tensor::from_vec(tt.clone(), (n, 1), &self.device)?;
+        let out = self.artifact.ranker.forward(&PairInputs {
+            user: &user_in,
+            item: &item_in,
+            tt_score: &tt_t,
+        })?;
+        let rating: Vec<f32> = out.rating.to_vec1()?;
+        let engage: Vec<f32> = out.engage.to_vec1()?;
+        let mean = self.artifact.space.global_mean_rating;
+        let mut all = (0..n).map(|r| Scores {
+            score: engage[r]
+                + self.weights.rating * (rating[r] - mean)
+                + self.weights.retrieval * tt[r],
+            retrieval: tt[r],
+            rating: rating[r],
+        });
+        Ok(jobs
+            .iter()
+            .map(|j| all.by_ref().take(j.items.len()).collect())
+            .collect())
+    }
+
+    fn scored(&self, i: u32, sc: Scores) -> ScoredItem {
+        let it = &self.items[i as usize];
+        let title = match it.year {
+            Some(y) => format!("{} ({y})", it.title),
+            None => it.title.clone(),
+        };
+        ScoredItem {
+            item_id: it.id.clone(),
+            title,
+            score: sc.score,
+            retrieval_score: sc.retrieval,
+            predicted_rating: sc.rating,
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! `--role gateway`: validation and merge in this process, retrieval and
+//! ranking on other servers over gRPC. Every downstream call carries the
+//! caller's remaining time as its `grpc-timeout` and is abandoned when it runs
+//! out. The merge follows the in-process Predict step for step, so the split
+//! deployment returns the same items as `--role all`.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::pb::cascade_client::CascadeClient;
+use crate::pb::{self};
+use crate::{
+    core_predict, deadline_exceeded, to_status, ServerError, MAX_MESSAGE_BYTES, MIN_BUDGET,
+};
+
+#[derive(Clone)]
+pub struct Gateway {
+    retrieval: CascadeClient<Channel>,
+    ranker: CascadeClient<Channel>,
+}
+
+fn client(url: &str) -> Result<CascadeClient<Channel>, ServerError> {
+    let ep = Endpoint::from_shared(url.to_string()).map_err(|e| ServerError::Endpoint {
+        url: url.into(),
+        msg: e.to_string(),
+    })?;
+    // Lazy: the stages may start in any order; calls fail with UNAVAILABLE
+    // until the other side is up.
+    Ok(CascadeClient::new(ep.tcp_nodelay(true).connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A downstream request carrying what is left of the caller's deadline.
+fn downstream<T>(msg: T, expires: Option<Instant>) -> Result<Request<T>, Status> {
+    let mut r = Request::new(msg);
+    if let Some(t) = expires {
+        let left = t.saturating_duration_since(Instant::now());
+        if left < MIN_BUDGET {
+            return Err(deadline_exceeded());
+        }
+        r.set_timeout(left);
+    }
+    Ok(r)
+}
+
+/// Await a downstream call, giving up when the caller's deadline passes.
+async fn within<T>(
+    expires: Option<Instant>,
+    call: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<T, Status> {
+    let r = match expires {
+        Some(t) => tokio::time::timeout_at(t.into(), call)
+            .await
+            .map_err(|_| deadline_exceeded())?,
+        None => call.await,
+    };
+    r.map(Response::into_inner)
+}
+
+/// The ranker names `item_ids`; the caller sent `candidate_item_ids`.
+fn as_candidates(s: Status) -> Status {
+    match s.message().strip_prefix("item_ids:") {
+        Some(rest) if s.code() == tonic::Code::InvalidArgument => {
+            Status::invalid_argument(format!("candidate_item_ids:{rest}"))
+        }
+        _ => s,
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+impl Gateway {
+    /// Clients for the retrieval and ranker servers (`http://host:port`).
+    pub fn new(retrieval_url: &str, ranker_url: &str) -> Result<Self, ServerError> {
+        Ok(Self {
+            retrieval: client(retrieval_url)?,
+            ranker: client(ranker_url)?,
+        })
+    }
+
+    pub async fn predict(
+        &self,
+        r: pb::PredictRequest,
+        deadline: Option<Duration>,
+    ) -> Result<pb::PredictResponse, Status> {
+        let t0 = Instant::now();
+        if deadline.is_some_and(|d| d < MIN_BUDGET) {
+            return Err(deadline_exceeded());
+        }
+        let expires = deadline.map(|d| t0 + d);
+        let core = core_predict(r.clone());
+        core.validate().map_err(to_status)?;
+        let k = core.num_results;
+        let exclude: HashSet<&str> = r.exclude_item_ids.iter().map(String::as_str).collect();
+        let mut retrieval_us = 0;
+        let mut ranking_us = 0;
+        let rank = |item_ids: Vec<String>| pb::RankRequest {
+            user_id: r.user_id.clone(),
+            item_ids,
+            context: r.context.clone(),
+        };
+        let (mut items, cold_start, model_version, ranked) = if r.candidate_item_ids.is_empty() {
+            let t = Instant::now();
+            let got = within(
+                expires,
+                self.retrieval.clone().retrieve(downstream(
+                    pb::RetrieveRequest {
+                        user_id: r.user_id.clone(),
+                        num_candidates: r.num_candidates,
+                        exclude_item_ids: r.exclude_item_ids.clone(),
+                        context: r.context.clone(),
+                        min_candidates: r.num_results,
+                    },
+                    expires,
+                )?),
+            )
+            .await?;
+            retrieval_us = micros(t.elapsed());
+            if got.cold_start || got.items.is_empty() {
+                // Popularity or context answered: already in final order.
+                (got.items, got.cold_start, got.model_version, false)
+            } else {
+                let ids = got.items.into_iter().map(|it| it.item_id).collect();
+                let t = Instant::now();
+                let out = within(
+                    expires,
+                    self.ranker.clone().rank(downstream(rank(ids), expires)?),
+                )
+                .await?;
+                ranking_us = micros(t.elapsed());
+                (out.items, out.cold_start, out.model_version, true)
+            }
+        } else {
+            // Deduplicated, order kept; unknown IDs are the ranker's to reject
+            // (before exclusions, as in process), exclusions are dropped after.
+            let mut seen = HashSet::new();
+            let ids: Vec<String> = r
+                .candidate_item_ids
+                .iter()
+                .filter(|id| seen.insert(id.as_str()))
+                .cloned()
+                .collect();
+            let t = Instant::now();
+            let out = within(
+                expires,
+                self.ranker.clone().rank(downstream(rank(ids), expires)?),
+            )
+            .await
+            .map_err(as_candidates)?;
+            ranking_us = micros(t.elapsed());
+            let items = out
+                .items
+                .into_iter()
+                .filter(|it| !exclude.contains(it.item_id.as_str()))
+                .collect();
+            (items, out.cold_start, out.model_version, true)
+        };
+        if ranked {
+            // Best first; equal scores keep candidate order (as in process).
+            items.sort_by(|a, b| b.score.total_cmp(&a.score));
+        }
+        items.truncate(k);
+        Ok(pb::PredictResponse {
+            items,
+            model_version,
+            cold_start,
+            timings: Some(pb::StageTimings {
+                user_state_us: 0,
+                retrieval_us,
+                ranking_us,
+                total_us: micros(t0.elapsed()),
+                rank_queue_us: 0,
+            }),
+        })
+    }
+
+    pub async fn rank(
+        &self,
+        r: pb::RankRequest,
+        deadline: Option<Duration>,
+    ) -> Result<pb::ScoredItems, Status> {
+        let expires = deadline.map(|d| Instant::now() + d);
+        within(expires, self.ranker.clone().rank(downstream(r, expires)?)).await
+    }
+
+    pub async fn retrieve(
+        &self,
+        r: pb::RetrieveRequest,
+        deadline: Option<Duration>,
+    ) -> Result<pb::ScoredItems, Status> {
+        let expires = deadline.map(|d| Instant::now() + d);
+        within(
+            expires,
+            self.retrieval.clone().retrieve(downstream(r, expires)?),
+        )
+        .await
+    }
+
+    /// Both stages keep user state, so both record. Each side validates the
+    /// same way, so a bad batch is rejected by both; a transport failure on
+    /// one side returns its error and the caller's retry is harmless
+    /// (recording an item twice changes nothing).
+    pub async fn record_events(
+        &self,
+        r: pb::RecordEventsRequest,
+        deadline: Option<Duration>,
+    ) -> Result<pb::RecordEventsResponse, Status> {
+        let expires = deadline.map(|d| Instant::now() + d);
+        let mut retrieval = self.retrieval.clone();
+        let mut ranker = self.ranker.clone();
+        let (a, b) = tokio::join!(
+            within(
+                expires,
+                retrieval.record_events(downstream(r.clone(), expires)?)
+            ),
+            within(expires, ranker.record_events(downstream(r, expires)?)),
+        );
+        let a = a?;
+        b?;
+        Ok(a)
+    }
+
+    pub async fn model_info(&self, deadline: Option<Duration>) -> Result<pb::ModelInfo, Status> {
+        let expires = deadline.map(|d| Instant::now() + d);
+        within(
+            expires,
+            self.ranker
+                .clone()
+                .get_model_info(downstream(pb::GetModelInfoRequest {}, expires)?),
+        )
+        .await
+    }
+
+    /// Reload both stages; the ranker's answer is returned.
+    pub async fn reload(
+        &self,
+        r: pb::ReloadModelRequest,
+    ) -> Result<pb::ReloadModelResponse, Status> {
+        let mut retrieval = self.retrieval.clone();
+        let mut ranker = self.ranker.clone();
+        let (a, b) = tokio::join!(
+            retrieval.reload_model(Request::new(r.clone())),
+            ranker.reload_model(Request::new(r)),
+        );
+        a?;
+        Ok(b?.into_inner())
+    }
+}

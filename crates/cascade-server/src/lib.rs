@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use cascade_core::{CallCtx, Engine, EngineError, EngineHandle};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 mod gateway;
@@ -477,7 +476,12 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // Small responses must leave at once: without TCP_NODELAY, Nagle's
+        // algorithm and the peer's delayed ACK add up to 40 ms to a reply.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -43,6 +43,8 @@ enum Cmd {
     Predict(PredictArgs),
     /// Serve the gRPC API (all-in-one, or one stage of a split deployment).
     Serve(ServeArgs),
+    /// Open-loop load against a running server: latency percentiles from intended send times.
+    Bench(BenchArgs),
     /// Verify an artifact directory (manifest, checksums, dimensions) and load it.
     Verify {
         /// Artifact version directory, or a root holding versions (the newest is checked).
@@ -119,6 +121,54 @@ struct ServeArgs {
     /// MiniLM directory used by --train-if-missing.
     #[arg(long, env = "CASCADE_MINILM", default_value = "data/minilm")]
     minilm: PathBuf,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Server to load (only this address is contacted).
+    #[arg(
+        long,
+        env = "CASCADE_BENCH_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    endpoint: String,
+    /// Artifact (root or version) whose users and items the requests use.
+    #[arg(long, env = "CASCADE_ARTIFACT", default_value = "artifacts")]
+    artifact: PathBuf,
+    /// predict, rank or retrieve.
+    #[arg(long, default_value = "predict")]
+    rpc: cascade_bench::Rpc,
+    /// Offered rates (requests/s), comma-separated; each is one run.
+    #[arg(long, value_delimiter = ',', default_value = "500")]
+    rate: Vec<f64>,
+    /// Poisson arrivals (default: evenly spaced).
+    #[arg(long)]
+    poisson: bool,
+    /// Seconds measured per run.
+    #[arg(long, default_value_t = 20.0)]
+    duration: f64,
+    /// Seconds of warm-up per run, not measured.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Predict's num_results.
+    #[arg(short = 'k', long, default_value_t = 10)]
+    k: u32,
+    /// Items per Rank request.
+    #[arg(long, default_value_t = 200)]
+    rank_items: usize,
+    /// Share of requests from unknown users (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    cold_share: f64,
+    /// Deadline sent with each request, in milliseconds.
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Write the runs as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -215,6 +265,7 @@ fn main() -> Result<()> {
         Cmd::Index(a) => index_cmd(a),
         Cmd::Predict(a) => predict_cmd(a),
         Cmd::Serve(a) => serve_cmd(a),
+        Cmd::Bench(a) => bench_cmd(a),
         Cmd::Verify { artifact } => verify_cmd(&artifact),
     }
 }
@@ -486,6 +537,42 @@ fn train_first(a: &ServeArgs) -> Result<()> {
         },
         true,
     )
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let dir = resolve_artifact(&a.artifact)?;
+    let work = std::sync::Arc::new(cascade_bench::Workload::from_artifact(&dir)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut reports = Vec::new();
+    for &rate in &a.rate {
+        let cfg = cascade_bench::RunConfig {
+            endpoint: a.endpoint.clone(),
+            rpc: a.rpc,
+            rate,
+            poisson: a.poisson,
+            warmup: std::time::Duration::from_secs_f64(a.warmup),
+            duration: std::time::Duration::from_secs_f64(a.duration),
+            connections: a.connections,
+            k: a.k,
+            rank_items: a.rank_items,
+            cold_share: a.cold_share,
+            deadline: a.deadline_ms.map(std::time::Duration::from_millis),
+            seed: a.seed,
+        };
+        eprintln!(
+            "{:?} at {rate} rps for {}s (+{}s warm-up) against {}",
+            a.rpc, a.duration, a.warmup, a.endpoint
+        );
+        reports.push(rt.block_on(cascade_bench::run(cfg, work.clone()))?);
+    }
+    print!("{}", cascade_bench::table(&reports));
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&reports)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

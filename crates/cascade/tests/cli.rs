@@ -87,6 +87,104 @@ fn train_then_verify() {
     assert!(ok && text.contains("unknown user"), "{text}");
     let (ok, text) = predict(&artifacts, "u1", "0");
     assert!(!ok && text.contains("num_results"), "{text}");
+
+    serve_bench_and_sigterm(&artifacts, t.path());
+}
+
+/// `cascade serve` answers `cascade bench` load without errors, and SIGTERM
+/// makes it drain and exit 0.
+fn serve_bench_and_sigterm(artifacts: &Path, tmp: &Path) {
+    use std::io::BufRead;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = cascade()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--artifact",
+        ])
+        .arg(artifacts)
+        .arg("--event-log")
+        .arg(tmp.join("events.log"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = server.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !log
+        .iter()
+        .any(|l: &String| l.contains("serving cascade.v1"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => log.push(l),
+            Err(_) => panic!("server never came up: {log:#?}"),
+        }
+    }
+    let bench = cascade()
+        .args([
+            "bench",
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--endpoint",
+        ])
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg("--artifact")
+        .arg(artifacts)
+        .arg("--json")
+        .arg(tmp.join("bench.json"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.join("bench.json")).unwrap()).unwrap();
+    assert_eq!(runs[0]["errors"], serde_json::json!({}), "{out}");
+    assert!(runs[0]["ok"].as_u64().unwrap() >= 90, "{out}");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    while let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(500)) {
+        log.push(l);
+    }
+    assert!(status.success(), "exit {status:?}: {log:#?}");
+    assert!(log.iter().any(|l| l.contains("drained")), "{log:#?}");
 }
 
 fn predict(artifacts: &Path, user: &str, k: &str) -> (bool, String) {

@@ -159,6 +159,9 @@ pub struct RunReport {
     pub errors: BTreeMap<String, u64>,
     /// From each request's intended send time to its response.
     pub latency_ms: Latency,
+    /// How late the generator sent requests against their schedule (its own
+    /// share of `latency_ms`, e.g. when it competes for the server's cores).
+    pub send_lag_ms: Latency,
     /// The server's own `total_us` (Predict only), for the network + queueing share.
     pub server_total_ms: Option<Latency>,
     /// The server's per-stage timings (Predict only): user_state, retrieval,
@@ -229,123 +232,151 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + cfg.warmup;
     let end = measure_from + cfg.duration;
-    let mut at = start;
-    let mut n = 0usize;
-    let mut sent = 0u64;
-    let mut tasks = tokio::task::JoinSet::new();
-    while at < end {
-        tokio::time::sleep_until(at.into()).await;
-        let measured = at >= measure_from;
-        sent += u64::from(measured);
-        let mut client = clients[n % clients.len()].clone();
-        n += 1;
-        let user = work.user(&mut rng, cfg.cold_share);
-        let items = match cfg.rpc {
-            Rpc::Rank => work.items(&mut rng, cfg.rank_items),
-            _ => Vec::new(),
-        };
-        let (hist, server_hist, tally) = (hist.clone(), server_hist.clone(), tally.clone());
-        let (rpc, k, deadline, intended) = (cfg.rpc, cfg.k, cfg.deadline, at);
-        tasks.spawn(async move {
-            let result: Result<Option<[u64; 5]>, tonic::Status> = match rpc {
-                Rpc::Predict => {
-                    let mut r = tonic::Request::new(PredictRequest {
-                        user_id: user,
-                        num_results: k,
-                        ..Default::default()
-                    });
-                    if let Some(d) = deadline {
-                        r.set_timeout(d);
-                    }
-                    client.predict(r).await.map(|r| {
-                        r.into_inner().timings.map(|t| {
-                            [
-                                t.user_state_us,
-                                t.retrieval_us,
-                                t.ranking_us,
-                                t.rank_queue_us,
-                                t.total_us,
-                            ]
-                        })
-                    })
+    // The schedule runs on its own OS thread: std's sleep wakes within tens
+    // of microseconds, Tokio's timer only to the millisecond, and every late
+    // wake-up would count as server latency.
+    let rt = tokio::runtime::Handle::current();
+    let lag = Arc::new(Mutex::new(histogram()?));
+    let schedule = {
+        let (hist, server_hist, tally, lag, work) = (
+            hist.clone(),
+            server_hist.clone(),
+            tally.clone(),
+            lag.clone(),
+            work.clone(),
+        );
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut tasks = Vec::new();
+            let mut at = start;
+            let mut n = 0usize;
+            let mut sent = 0u64;
+            while at < end {
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
                 }
-                Rpc::Rank => {
-                    let mut r = tonic::Request::new(RankRequest {
-                        user_id: user,
-                        item_ids: items,
-                        context: None,
-                    });
-                    if let Some(d) = deadline {
-                        r.set_timeout(d);
-                    }
-                    client.rank(r).await.map(|_| None)
-                }
-                Rpc::Retrieve => {
-                    let mut r = tonic::Request::new(RetrieveRequest {
-                        user_id: user,
-                        ..Default::default()
-                    });
-                    if let Some(d) = deadline {
-                        r.set_timeout(d);
-                    }
-                    client.retrieve(r).await.map(|_| None)
-                }
-            };
-            let done = Instant::now();
-            if !measured {
-                return;
-            }
-            let us = (done - intended).as_micros().max(1) as u64;
-            let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
-            t.first_done.get_or_insert(done);
-            t.last_done = Some(done);
-            match result {
-                Ok(server_us) => {
-                    t.ok += 1;
-                    drop(t);
-                    let _ = hist
+                let measured = at >= measure_from;
+                sent += u64::from(measured);
+                let mut client = clients[n % clients.len()].clone();
+                n += 1;
+                let user = work.user(&mut rng, cfg.cold_share);
+                let items = match cfg.rpc {
+                    Rpc::Rank => work.items(&mut rng, cfg.rank_items),
+                    _ => Vec::new(),
+                };
+                let (hist, server_hist, tally) = (hist.clone(), server_hist.clone(), tally.clone());
+                let (rpc, k, deadline, intended) = (cfg.rpc, cfg.k, cfg.deadline, at);
+                if measured {
+                    let late = (Instant::now() - at).as_micros().max(1) as u64;
+                    let _ = lag
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .record(us.min(60_000_000));
-                    if let Some(stages) = server_us {
-                        let mut hs = server_hist.lock().unwrap_or_else(|p| p.into_inner());
-                        for (h, v) in hs.iter_mut().zip(stages) {
-                            let _ = h.record(v.clamp(1, 60_000_000));
+                        .record(late.min(60_000_000));
+                }
+                tasks.push(rt.spawn(async move {
+                    let result: Result<Option<[u64; 5]>, tonic::Status> = match rpc {
+                        Rpc::Predict => {
+                            let mut r = tonic::Request::new(PredictRequest {
+                                user_id: user,
+                                num_results: k,
+                                ..Default::default()
+                            });
+                            if let Some(d) = deadline {
+                                r.set_timeout(d);
+                            }
+                            client.predict(r).await.map(|r| {
+                                r.into_inner().timings.map(|t| {
+                                    [
+                                        t.user_state_us,
+                                        t.retrieval_us,
+                                        t.ranking_us,
+                                        t.rank_queue_us,
+                                        t.total_us,
+                                    ]
+                                })
+                            })
+                        }
+                        Rpc::Rank => {
+                            let mut r = tonic::Request::new(RankRequest {
+                                user_id: user,
+                                item_ids: items,
+                                context: None,
+                            });
+                            if let Some(d) = deadline {
+                                r.set_timeout(d);
+                            }
+                            client.rank(r).await.map(|_| None)
+                        }
+                        Rpc::Retrieve => {
+                            let mut r = tonic::Request::new(RetrieveRequest {
+                                user_id: user,
+                                ..Default::default()
+                            });
+                            if let Some(d) = deadline {
+                                r.set_timeout(d);
+                            }
+                            client.retrieve(r).await.map(|_| None)
+                        }
+                    };
+                    let done = Instant::now();
+                    if !measured {
+                        return;
+                    }
+                    let us = (done - intended).as_micros().max(1) as u64;
+                    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                    t.first_done.get_or_insert(done);
+                    t.last_done = Some(done);
+                    match result {
+                        Ok(server_us) => {
+                            t.ok += 1;
+                            drop(t);
+                            let _ = hist
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .record(us.min(60_000_000));
+                            if let Some(stages) = server_us {
+                                let mut hs = server_hist.lock().unwrap_or_else(|p| p.into_inner());
+                                for (h, v) in hs.iter_mut().zip(stages) {
+                                    let _ = h.record(v.clamp(1, 60_000_000));
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            *t.errors.entry(format!("{:?}", e.code())).or_default() += 1;
                         }
                     }
-                }
-                Err(e) => {
-                    *t.errors.entry(format!("{:?}", e.code())).or_default() += 1;
-                }
+                }));
+                at += if cfg.poisson {
+                    // Exponential gaps with mean 1/rate.
+                    let u: f64 = rng.random_range(f64::EPSILON..1.0);
+                    Duration::from_secs_f64(-u.ln() / cfg.rate)
+                } else {
+                    Duration::from_secs_f64(1.0 / cfg.rate)
+                };
             }
-        });
-        at += if cfg.poisson {
-            // Exponential gaps with mean 1/rate.
-            let u: f64 = rng.random_range(f64::EPSILON..1.0);
-            Duration::from_secs_f64(-u.ln() / cfg.rate)
-        } else {
-            Duration::from_secs_f64(1.0 / cfg.rate)
-        };
-        // Reap finished tasks so the set stays small.
-        while tasks.try_join_next().is_some() {}
-    }
-    let grace = tokio::time::sleep(Duration::from_secs(10));
-    tokio::pin!(grace);
-    loop {
-        tokio::select! {
-            next = tasks.join_next() => if next.is_none() { break },
-            _ = &mut grace => {
-                let left = tasks.len() as u64;
-                tasks.abort_all();
-                let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
-                *t.errors.entry("generator_timeout".into()).or_default() += left;
-                break;
-            }
+            (sent, tasks)
+        })
+    };
+    let (sent, tasks) = schedule
+        .await
+        .map_err(|e| BenchError::Config(format!("schedule thread: {e}")))?;
+    let grace = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut left = 0u64;
+    for mut t in tasks {
+        if tokio::time::timeout_at(grace, &mut t).await.is_err() {
+            t.abort();
+            left += 1;
         }
+    }
+    if left > 0 {
+        let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+        *t.errors.entry("generator_timeout".into()).or_default() += left;
     }
     let t = tally.lock().unwrap_or_else(|p| p.into_inner());
     let h = hist.lock().unwrap_or_else(|p| p.into_inner());
     let sh = server_hist.lock().unwrap_or_else(|p| p.into_inner());
+    let lag = lag.lock().unwrap_or_else(|p| p.into_inner());
     let span = cfg.duration.as_secs_f64().max(1e-9);
     Ok(RunReport {
         offered_rps: sent as f64 / span,
@@ -354,6 +385,7 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
         ok: t.ok,
         errors: t.errors.clone(),
         latency_ms: latency(&h),
+        send_lag_ms: latency(&lag),
         server_total_ms: sh.last().filter(|h| !h.is_empty()).map(latency),
         server_stages_ms: STAGES
             .iter()

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use cascade_data::Item;
 use cascade_model::nn::PairInputs;
+use cascade_model::serving::{FactorizedRanker, Row, UserPart};
 use cascade_train::eval::CascadeWeights;
 use cascade_train::features::Tables;
 use cascade_train::pipeline::{Artifact, VECTORS_FILE};
@@ -71,6 +72,9 @@ struct Model {
     popular: Vec<u32>,
     weights: CascadeWeights,
     device: Device,
+    /// The ranker rearranged for CPU serving (item-side terms precomputed);
+    /// `None` on GPU, where the plain batched forward is the fast path.
+    fast: Option<FactorizedRanker>,
 }
 
 /// A user's computed state: the user tower's output given their recorded events.
@@ -516,6 +520,14 @@ impl Model {
                 .then(a.cmp(&b))
         });
         let weights = artifact.serving.cascade_weights;
+        let fast = match device {
+            Device::Cpu => Some(FactorizedRanker::new(
+                &artifact.ranker,
+                &tables.items,
+                space.user_cats.clone(),
+            )?),
+            _ => None,
+        };
         Ok(Self {
             artifact,
             tables,
@@ -526,6 +538,7 @@ impl Model {
             popular,
             weights,
             device: device.clone(),
+            fast,
         })
     }
 
@@ -740,6 +753,41 @@ impl Model {
 
     /// One ranker forward over every job's rows; one score list per job.
     fn score_rows(&self, jobs: &[&RankRows]) -> Result<Vec<Vec<Scores>>, EngineError> {
+        let (rating, engage) = match &self.fast {
+            Some(f) => {
+                let users: Vec<UserPart> = jobs.iter().map(|j| f.user(j.user)).collect();
+                let rows: Vec<Row> = jobs
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(n, j)| {
+                        j.items
+                            .iter()
+                            .zip(&j.tt)
+                            .map(move |(&item, &tt)| Row { user: n, item, tt })
+                    })
+                    .collect();
+                f.score(&users, &rows)?
+            }
+            None => self.forward_rows(jobs)?,
+        };
+        let mean = self.artifact.space.global_mean_rating;
+        let mut all = jobs
+            .iter()
+            .flat_map(|j| j.tt.iter())
+            .zip(rating.iter().zip(&engage))
+            .map(|(&tt, (&rating, &engage))| Scores {
+                score: engage + self.weights.rating * (rating - mean) + self.weights.retrieval * tt,
+                retrieval: tt,
+                rating,
+            });
+        Ok(jobs
+            .iter()
+            .map(|j| all.by_ref().take(j.items.len()).collect())
+            .collect())
+    }
+
+    /// The plain batched forward: (rating, engagement) per row.
+    fn forward_rows(&self, jobs: &[&RankRows]) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
         let n: usize = jobs.iter().map(|j| j.items.len()).sum();
         let mut users = Vec::with_capacity(n);
         let mut items = Vec::with_capacity(n);
@@ -756,26 +804,13 @@ impl Model {
             .tables
             .items
             .select(&Tensor::from_vec(items, n, &self.device)?)?;
-        let tt_t = Tensor::from_vec(tt.clone(), (n, 1), &self.device)?;
+        let tt_t = Tensor::from_vec(tt, (n, 1), &self.device)?;
         let out = self.artifact.ranker.forward(&PairInputs {
             user: &user_in,
             item: &item_in,
             tt_score: &tt_t,
         })?;
-        let rating: Vec<f32> = out.rating.to_vec1()?;
-        let engage: Vec<f32> = out.engage.to_vec1()?;
-        let mean = self.artifact.space.global_mean_rating;
-        let mut all = (0..n).map(|r| Scores {
-            score: engage[r]
-                + self.weights.rating * (rating[r] - mean)
-                + self.weights.retrieval * tt[r],
-            retrieval: tt[r],
-            rating: rating[r],
-        });
-        Ok(jobs
-            .iter()
-            .map(|j| all.by_ref().take(j.items.len()).collect())
-            .collect())
+        Ok((out.rating.to_vec1()?, out.engage.to_vec1()?))
     }
 
     fn scored(&self, i: u32, sc: Scores) -> ScoredItem {

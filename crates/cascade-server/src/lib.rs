@@ -120,16 +120,32 @@ pub struct CascadeService {
     /// once with RESOURCE_EXHAUSTED instead of queueing without bound.
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    /// Requests doing CPU work on blocking threads at once. Admitted requests
+    /// beyond it wait here (asynchronously, bounded by the in-flight limit)
+    /// rather than as runnable threads: dozens of threads retrieving at once
+    /// on a few cores starve the ranking threads and every request slows.
+    workers: Arc<Semaphore>,
 }
 
 impl CascadeService {
     pub fn new(backend: Backend, role: Role, device: String, max_in_flight: usize) -> Self {
+        Self::with_workers(backend, role, device, max_in_flight, default_workers())
+    }
+
+    pub fn with_workers(
+        backend: Backend,
+        role: Role,
+        device: String,
+        max_in_flight: usize,
+        workers: usize,
+    ) -> Self {
         Self {
             backend,
             role,
             device,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
+            workers: Arc::new(Semaphore::new(workers.max(1))),
         }
     }
 
@@ -179,13 +195,21 @@ impl CascadeService {
             return Err(deadline_exceeded());
         }
         let permit = self.permit()?;
+        let expires = deadline.map(|d| arrived + d);
+        let slot = match expires {
+            Some(t) => tokio::time::timeout_at(t.into(), self.workers.clone().acquire_owned())
+                .await
+                .map_err(|_| deadline_exceeded())?,
+            None => self.workers.clone().acquire_owned().await,
+        }
+        .map_err(|_| Status::unavailable("shutting down"))?;
         // The request finishes on the version it started with, even across a reload.
         let engine = self.local()?.current();
-        let ctx = CallCtx::with_deadline(deadline.map(|d| arrived + d));
+        let ctx = CallCtx::with_deadline(expires);
         let guard = ctx.guard();
-        let expires = ctx.expires;
         let work = tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            let _slot = slot;
             ctx.check()?;
             f(&engine, &ctx)
         });
@@ -238,6 +262,12 @@ pub fn core_predict(r: pb::PredictRequest) -> cascade_core::PredictRequest {
         candidate_item_ids: r.candidate_item_ids,
         context_item_ids: context_ids(r.context),
     }
+}
+
+/// Default for `workers`: two per core, so one request can retrieve while
+/// another waits for its ranking batch.
+pub fn default_workers() -> usize {
+    2 * std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Below this much remaining time a request is not started at all.
@@ -433,6 +463,8 @@ pub struct ServeOptions {
     /// Reported by GetModelInfo ("cpu", "cuda:0", or "remote" for a gateway).
     pub device: String,
     pub max_in_flight: usize,
+    /// Requests doing model work on blocking threads at once (see [`default_workers`]).
+    pub workers: usize,
 }
 
 /// Serve on `listener` until `shutdown` resolves; then readiness turns
@@ -455,11 +487,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let service = CascadeServer::new(CascadeService::new(
+    let service = CascadeServer::new(CascadeService::with_workers(
         backend,
         opts.role,
         opts.device,
         opts.max_in_flight,
+        opts.workers,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -83,6 +83,7 @@ async fn start(backend: Backend, role: Role, max_in_flight: usize) -> Running {
         role,
         device: "cpu".into(),
         max_in_flight,
+        workers: cascade_server::default_workers(),
     };
     let task = tokio::spawn(cascade_server::serve(backend, opts, listener, async {
         let _ = stop_rx.await;

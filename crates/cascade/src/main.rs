@@ -94,6 +94,9 @@ struct ServeArgs {
     /// Requests doing work at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "CASCADE_MAX_IN_FLIGHT", default_value_t = 256)]
     max_in_flight: usize,
+    /// Requests doing model work at once on blocking threads (default: 2 per core); others wait their turn.
+    #[arg(long, env = "CASCADE_WORKERS")]
+    workers: Option<usize>,
     /// Ranking rows packed into one forward at most.
     #[arg(long, env = "CASCADE_BATCH_MAX_ROWS", default_value_t = BatchConfig::default().max_rows)]
     batch_max_rows: usize,
@@ -491,6 +494,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         role: a.role,
         device,
         max_in_flight: a.max_in_flight,
+        workers: a.workers.unwrap_or_else(cascade_server::default_workers),
     };
     rt.block_on(async move {
         let listener = cascade_server::bind(a.listen).await?;

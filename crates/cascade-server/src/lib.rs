@@ -35,7 +35,7 @@ pub mod pb {
 
 use pb::cascade_server::{Cascade, CascadeServer};
 
-/// Requests larger than this are refused by the codec (RESOURCE_EXHAUSTED).
+/// Requests larger than this are refused by the codec (tonic answers OUT_OF_RANGE).
 pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
 /// The health service name that reports readiness.

@@ -628,3 +628,65 @@ async fn shutdown_drains_requests_in_flight() {
         "still accepting"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_survive_a_server_restart_and_oversized_requests_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = trained(root.path());
+    let log = root.path().join("events.log");
+    let serving = |log: &std::path::Path| {
+        let (events, replayed) = EventStore::open(log).unwrap();
+        let engine =
+            Engine::load_with(&dir, &Device::Cpu, Default::default(), Arc::new(events)).unwrap();
+        (
+            Arc::new(EngineHandle::from_engine(
+                engine,
+                &Device::Cpu,
+                Default::default(),
+            )),
+            replayed,
+        )
+    };
+    let (h, replayed) = serving(&log);
+    assert_eq!(replayed, 0);
+    let server = start(Backend::Local(h), Role::All, 64).await;
+    let mut c = server.client().await;
+    let top = c
+        .predict(predict_req("u9", 5))
+        .await
+        .unwrap()
+        .into_inner()
+        .items[0]
+        .item_id
+        .clone();
+    c.record_events(RecordEventsRequest {
+        events: vec![Event {
+            user_id: "u9".into(),
+            item_id: top.clone(),
+            kind: "view".into(),
+            timestamp: 5,
+        }],
+    })
+    .await
+    .unwrap();
+    // More than the 4 MiB cap: refused by the codec, the server lives on.
+    let huge = PredictRequest {
+        exclude_item_ids: vec!["x".repeat(1024); 5 * 1024],
+        ..predict_req("u9", 5)
+    };
+    let e = c.predict(huge).await.unwrap_err();
+    // Tonic's codec answers OUT_OF_RANGE (documented in the proto).
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    assert!(e.message().contains("too large"), "{e:?}");
+    assert!(c.predict(predict_req("u9", 5)).await.is_ok());
+    server.shut().await;
+
+    // A new process on the same log: the event is replayed and still applies.
+    let (h, replayed) = serving(&log);
+    assert_eq!(replayed, 1);
+    let server = start(Backend::Local(h), Role::All, 64).await;
+    let mut c = server.client().await;
+    let after = c.predict(predict_req("u9", 5)).await.unwrap().into_inner();
+    assert!(after.items.iter().all(|it| it.item_id != top));
+    server.shut().await;
+}

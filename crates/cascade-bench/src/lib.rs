@@ -11,6 +11,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod plot;
+
 use cascade_server::pb::cascade_client::CascadeClient;
 use cascade_server::pb::{PredictRequest, RankRequest, RetrieveRequest};
 use hdrhistogram::Histogram;
@@ -135,6 +137,19 @@ pub struct RunConfig {
     /// Deadline sent with each request.
     pub deadline: Option<Duration>,
     pub seed: u64,
+    /// Closed loop with this many callers in flight (the rate is then ignored).
+    pub concurrency: Option<usize>,
+}
+
+/// One measured second of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Second {
+    pub t: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 /// Latency percentiles in milliseconds.
@@ -167,6 +182,8 @@ pub struct RunReport {
     /// The server's per-stage timings (Predict only): user_state, retrieval,
     /// ranking, rank_queue.
     pub server_stages_ms: BTreeMap<String, Latency>,
+    /// Per measured second, by intended send time.
+    pub timeline: Vec<Second>,
 }
 
 const STAGES: [&str; 5] = ["user_state", "retrieval", "ranking", "rank_queue", "total"];
@@ -188,65 +205,251 @@ fn histogram() -> Result<Histogram<u64>, BenchError> {
     Histogram::new_with_bounds(1, 60_000_000, 3).map_err(|e| BenchError::Config(e.to_string()))
 }
 
-#[derive(Default)]
-struct Tally {
+/// Everything one run records, shared by the request tasks.
+struct Recorder {
+    hist: Histogram<u64>,
+    stages: Vec<Histogram<u64>>,
+    lag: Histogram<u64>,
+    /// One histogram per measured second (by intended send time).
+    seconds: Vec<(Histogram<u64>, u64)>,
     ok: u64,
     errors: BTreeMap<String, u64>,
-    first_done: Option<Instant>,
-    last_done: Option<Instant>,
 }
 
-/// One open-loop run. Requests still outstanding 10 s after the schedule
-/// ends are counted as `generator_timeout`.
-pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, BenchError> {
-    if cfg.rate <= 0.0 || cfg.connections == 0 {
-        return Err(BenchError::Config(
-            "rate and connections must be positive".into(),
-        ));
+impl Recorder {
+    fn new(seconds: usize) -> Result<Self, BenchError> {
+        Ok(Self {
+            hist: histogram()?,
+            stages: STAGES
+                .iter()
+                .map(|_| histogram())
+                .collect::<Result<_, _>>()?,
+            lag: histogram()?,
+            seconds: (0..seconds)
+                .map(|_| histogram().map(|h| (h, 0)))
+                .collect::<Result<_, _>>()?,
+            ok: 0,
+            errors: BTreeMap::new(),
+        })
     }
+
+    fn record(&mut self, second: usize, us: u64, result: Result<Option<[u64; 5]>, tonic::Status>) {
+        let us = us.clamp(1, 60_000_000);
+        match result {
+            Ok(stages) => {
+                self.ok += 1;
+                let _ = self.hist.record(us);
+                if let Some((h, _)) = self.seconds.get_mut(second) {
+                    let _ = h.record(us);
+                }
+                for (h, v) in self.stages.iter_mut().zip(stages.unwrap_or_default()) {
+                    if v > 0 {
+                        let _ = h.record(v.min(60_000_000));
+                    }
+                }
+            }
+            Err(e) => {
+                *self.errors.entry(format!("{:?}", e.code())).or_default() += 1;
+                if let Some((_, errs)) = self.seconds.get_mut(second) {
+                    *errs += 1;
+                }
+            }
+        }
+    }
+
+    fn report(&self, config: RunConfig, sent: u64) -> RunReport {
+        let span = config.duration.as_secs_f64().max(1e-9);
+        RunReport {
+            offered_rps: if config.concurrency.is_some() {
+                (self.ok + self.errors.values().sum::<u64>()) as f64 / span
+            } else {
+                sent as f64 / span
+            },
+            achieved_rps: self.ok as f64 / span,
+            sent,
+            ok: self.ok,
+            errors: self.errors.clone(),
+            latency_ms: latency(&self.hist),
+            send_lag_ms: latency(&self.lag),
+            server_total_ms: self.stages.last().filter(|h| !h.is_empty()).map(latency),
+            server_stages_ms: STAGES
+                .iter()
+                .zip(&self.stages)
+                .filter(|(_, h)| !h.is_empty())
+                .map(|(n, h)| (n.to_string(), latency(h)))
+                .collect(),
+            timeline: self
+                .seconds
+                .iter()
+                .enumerate()
+                .map(|(t, (h, errors))| Second {
+                    t: t as u64,
+                    ok: h.len(),
+                    errors: *errors,
+                    p50_ms: h.value_at_quantile(0.5) as f64 / 1e3,
+                    p99_ms: h.value_at_quantile(0.99) as f64 / 1e3,
+                    max_ms: h.max() as f64 / 1e3,
+                })
+                .collect(),
+            config,
+        }
+    }
+}
+
+/// One request as the generator draws it.
+struct Call {
+    rpc: Rpc,
+    user: String,
+    items: Vec<String>,
+    k: u32,
+    deadline: Option<Duration>,
+}
+
+impl Call {
+    fn draw(cfg: &RunConfig, work: &Workload, rng: &mut ChaCha8Rng) -> Self {
+        Self {
+            rpc: cfg.rpc,
+            user: work.user(rng, cfg.cold_share),
+            items: match cfg.rpc {
+                Rpc::Rank => work.items(rng, cfg.rank_items),
+                _ => Vec::new(),
+            },
+            k: cfg.k,
+            deadline: cfg.deadline,
+        }
+    }
+
+    /// Send it; on success, the server's per-stage timings (Predict only).
+    async fn send(
+        self,
+        mut client: CascadeClient<Channel>,
+    ) -> Result<Option<[u64; 5]>, tonic::Status> {
+        fn req<T>(m: T, d: Option<Duration>) -> tonic::Request<T> {
+            let mut r = tonic::Request::new(m);
+            if let Some(d) = d {
+                r.set_timeout(d);
+            }
+            r
+        }
+        match self.rpc {
+            Rpc::Predict => {
+                let r = PredictRequest {
+                    user_id: self.user,
+                    num_results: self.k,
+                    ..Default::default()
+                };
+                client.predict(req(r, self.deadline)).await.map(|r| {
+                    r.into_inner().timings.map(|t| {
+                        [
+                            t.user_state_us,
+                            t.retrieval_us,
+                            t.ranking_us,
+                            t.rank_queue_us,
+                            t.total_us,
+                        ]
+                    })
+                })
+            }
+            Rpc::Rank => {
+                let r = RankRequest {
+                    user_id: self.user,
+                    item_ids: self.items,
+                    context: None,
+                };
+                client.rank(req(r, self.deadline)).await.map(|_| None)
+            }
+            Rpc::Retrieve => {
+                let r = RetrieveRequest {
+                    user_id: self.user,
+                    ..Default::default()
+                };
+                client.retrieve(req(r, self.deadline)).await.map(|_| None)
+            }
+        }
+    }
+}
+
+fn lock(r: &Mutex<Recorder>) -> std::sync::MutexGuard<'_, Recorder> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn connect(cfg: &RunConfig) -> Result<Vec<CascadeClient<Channel>>, BenchError> {
+    let err = |e: String| BenchError::Endpoint {
+        url: cfg.endpoint.clone(),
+        msg: e,
+    };
     let mut clients = Vec::new();
-    for _ in 0..cfg.connections {
-        let ep = Endpoint::from_shared(cfg.endpoint.clone()).map_err(|e| BenchError::Endpoint {
-            url: cfg.endpoint.clone(),
-            msg: e.to_string(),
-        })?;
-        let ch: Channel =
-            ep.tcp_nodelay(true)
-                .connect()
-                .await
-                .map_err(|e| BenchError::Endpoint {
-                    url: cfg.endpoint.clone(),
-                    msg: e.to_string(),
-                })?;
+    for _ in 0..cfg.connections.max(1) {
+        let ep = Endpoint::from_shared(cfg.endpoint.clone()).map_err(|e| err(e.to_string()))?;
+        let ch = ep
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| err(e.to_string()))?;
         clients.push(CascadeClient::new(ch));
     }
-    let hist = Arc::new(Mutex::new(histogram()?));
-    let server_hist = Arc::new(Mutex::new(
-        STAGES
-            .iter()
-            .map(|_| histogram())
-            .collect::<Result<Vec<_>, _>>()?,
-    ));
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    Ok(clients)
+}
+
+/// One run: open loop at `cfg.rate`, or closed loop when `cfg.concurrency`
+/// is set. Requests still outstanding 10 s after the schedule ends are
+/// counted as `generator_timeout`.
+pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, BenchError> {
+    if cfg.concurrency.is_none() && cfg.rate <= 0.0 {
+        return Err(BenchError::Config("the rate must be positive".into()));
+    }
+    let clients = connect(&cfg).await?;
+    let seconds = cfg.duration.as_secs_f64().ceil() as usize;
+    let rec = Arc::new(Mutex::new(Recorder::new(seconds)?));
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + cfg.warmup;
     let end = measure_from + cfg.duration;
-    // The schedule runs on its own OS thread: std's sleep wakes within tens
-    // of microseconds, Tokio's timer only to the millisecond, and every late
-    // wake-up would count as server latency.
+    let second_of =
+        move |t: Instant| (t.saturating_duration_since(measure_from)).as_secs() as usize;
+    if let Some(n) = cfg.concurrency {
+        // Closed loop: `n` callers, each sending its next request when the
+        // previous one returns. Latency is from the actual send.
+        let mut tasks = Vec::new();
+        for w in 0..n.max(1) {
+            let (rec, work, cfg) = (rec.clone(), work.clone(), cfg.clone());
+            let client = clients[w % clients.len()].clone();
+            tasks.push(tokio::spawn(async move {
+                let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ (w as u64) << 32);
+                tokio::time::sleep_until(start.into()).await;
+                let mut sent = 0u64;
+                loop {
+                    let t = Instant::now();
+                    if t >= end {
+                        break;
+                    }
+                    let call = Call::draw(&cfg, &work, &mut rng);
+                    let result = call.send(client.clone()).await;
+                    if t >= measure_from {
+                        sent += 1;
+                        let us = t.elapsed().as_micros() as u64;
+                        lock(&rec).record(second_of(t), us, result);
+                    }
+                }
+                sent
+            }));
+        }
+        let mut sent = 0;
+        for t in tasks {
+            sent += t
+                .await
+                .map_err(|e| BenchError::Config(format!("caller task: {e}")))?;
+        }
+        let r = lock(&rec).report(cfg, sent);
+        return Ok(r);
+    }
+    // Open loop. The schedule runs on its own OS thread: std's sleep wakes
+    // within tens of microseconds, Tokio's timer only to the millisecond, and
+    // every late wake-up would count as server latency.
     let rt = tokio::runtime::Handle::current();
-    let lag = Arc::new(Mutex::new(histogram()?));
     let schedule = {
-        let (hist, server_hist, tally, lag, work) = (
-            hist.clone(),
-            server_hist.clone(),
-            tally.clone(),
-            lag.clone(),
-            work.clone(),
-        );
-        let cfg = cfg.clone();
+        let (rec, work, cfg) = (rec.clone(), work.clone(), cfg.clone());
         tokio::task::spawn_blocking(move || {
+            let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
             let mut tasks = Vec::new();
             let mut at = start;
             let mut n = 0usize;
@@ -257,94 +460,20 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
                     std::thread::sleep(at - now);
                 }
                 let measured = at >= measure_from;
-                sent += u64::from(measured);
-                let mut client = clients[n % clients.len()].clone();
+                let call = Call::draw(&cfg, &work, &mut rng);
+                let client = clients[n % clients.len()].clone();
                 n += 1;
-                let user = work.user(&mut rng, cfg.cold_share);
-                let items = match cfg.rpc {
-                    Rpc::Rank => work.items(&mut rng, cfg.rank_items),
-                    _ => Vec::new(),
-                };
-                let (hist, server_hist, tally) = (hist.clone(), server_hist.clone(), tally.clone());
-                let (rpc, k, deadline, intended) = (cfg.rpc, cfg.k, cfg.deadline, at);
                 if measured {
+                    sent += 1;
                     let late = (Instant::now() - at).as_micros().max(1) as u64;
-                    let _ = lag
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .record(late.min(60_000_000));
+                    let _ = lock(&rec).lag.record(late.min(60_000_000));
                 }
+                let (rec, intended) = (rec.clone(), at);
                 tasks.push(rt.spawn(async move {
-                    let result: Result<Option<[u64; 5]>, tonic::Status> = match rpc {
-                        Rpc::Predict => {
-                            let mut r = tonic::Request::new(PredictRequest {
-                                user_id: user,
-                                num_results: k,
-                                ..Default::default()
-                            });
-                            if let Some(d) = deadline {
-                                r.set_timeout(d);
-                            }
-                            client.predict(r).await.map(|r| {
-                                r.into_inner().timings.map(|t| {
-                                    [
-                                        t.user_state_us,
-                                        t.retrieval_us,
-                                        t.ranking_us,
-                                        t.rank_queue_us,
-                                        t.total_us,
-                                    ]
-                                })
-                            })
-                        }
-                        Rpc::Rank => {
-                            let mut r = tonic::Request::new(RankRequest {
-                                user_id: user,
-                                item_ids: items,
-                                context: None,
-                            });
-                            if let Some(d) = deadline {
-                                r.set_timeout(d);
-                            }
-                            client.rank(r).await.map(|_| None)
-                        }
-                        Rpc::Retrieve => {
-                            let mut r = tonic::Request::new(RetrieveRequest {
-                                user_id: user,
-                                ..Default::default()
-                            });
-                            if let Some(d) = deadline {
-                                r.set_timeout(d);
-                            }
-                            client.retrieve(r).await.map(|_| None)
-                        }
-                    };
-                    let done = Instant::now();
-                    if !measured {
-                        return;
-                    }
-                    let us = (done - intended).as_micros().max(1) as u64;
-                    let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
-                    t.first_done.get_or_insert(done);
-                    t.last_done = Some(done);
-                    match result {
-                        Ok(server_us) => {
-                            t.ok += 1;
-                            drop(t);
-                            let _ = hist
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .record(us.min(60_000_000));
-                            if let Some(stages) = server_us {
-                                let mut hs = server_hist.lock().unwrap_or_else(|p| p.into_inner());
-                                for (h, v) in hs.iter_mut().zip(stages) {
-                                    let _ = h.record(v.clamp(1, 60_000_000));
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            *t.errors.entry(format!("{:?}", e.code())).or_default() += 1;
-                        }
+                    let result = call.send(client).await;
+                    if measured {
+                        let us = intended.elapsed().as_micros() as u64;
+                        lock(&rec).record(second_of(intended), us, result);
                     }
                 }));
                 at += if cfg.poisson {
@@ -369,38 +498,73 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
             left += 1;
         }
     }
+    let mut r = lock(&rec);
     if left > 0 {
-        let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
-        *t.errors.entry("generator_timeout".into()).or_default() += left;
+        *r.errors.entry("generator_timeout".into()).or_default() += left;
     }
-    let t = tally.lock().unwrap_or_else(|p| p.into_inner());
-    let h = hist.lock().unwrap_or_else(|p| p.into_inner());
-    let sh = server_hist.lock().unwrap_or_else(|p| p.into_inner());
-    let lag = lag.lock().unwrap_or_else(|p| p.into_inner());
-    let span = cfg.duration.as_secs_f64().max(1e-9);
-    Ok(RunReport {
-        offered_rps: sent as f64 / span,
-        achieved_rps: t.ok as f64 / span,
-        sent,
-        ok: t.ok,
-        errors: t.errors.clone(),
-        latency_ms: latency(&h),
-        send_lag_ms: latency(&lag),
-        server_total_ms: sh.last().filter(|h| !h.is_empty()).map(latency),
-        server_stages_ms: STAGES
-            .iter()
-            .zip(sh.iter())
-            .filter(|(_, h)| !h.is_empty())
-            .map(|(n, h)| (n.to_string(), latency(h)))
-            .collect(),
-        config: cfg,
+    Ok(r.report(cfg, sent))
+}
+
+/// A rate sweep: the highest offered rate whose run stayed within budget.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sweep {
+    pub budget_p99_ms: f64,
+    /// The highest offered rate with p99 within budget, no errors, and at
+    /// least 95 % of the offered rate achieved.
+    pub max_rate_within_budget: Option<f64>,
+    pub runs: Vec<RunReport>,
+}
+
+/// Whether a run counts as within `budget_ms`.
+pub fn within_budget(r: &RunReport, budget_ms: f64) -> bool {
+    r.errors.is_empty() && r.latency_ms.p99 <= budget_ms && r.achieved_rps >= 0.95 * r.offered_rps
+}
+
+/// Raise the rate from `base.rate` by `factor` until a run leaves the budget
+/// or `max_rate` is passed; `on_run` sees each run as it ends.
+pub async fn sweep(
+    base: RunConfig,
+    work: Arc<Workload>,
+    budget_ms: f64,
+    factor: f64,
+    max_rate: f64,
+    mut on_run: impl FnMut(&RunReport),
+) -> Result<Sweep, BenchError> {
+    if factor <= 1.0 {
+        return Err(BenchError::Config("the sweep factor must exceed 1".into()));
+    }
+    let mut runs = Vec::new();
+    let mut best = None;
+    let mut rate = base.rate;
+    while rate <= max_rate {
+        let r = run(
+            RunConfig {
+                rate,
+                ..base.clone()
+            },
+            work.clone(),
+        )
+        .await?;
+        on_run(&r);
+        let ok = within_budget(&r, budget_ms);
+        runs.push(r);
+        if !ok {
+            break;
+        }
+        best = Some(rate);
+        rate = (rate * factor).round();
+    }
+    Ok(Sweep {
+        budget_p99_ms: budget_ms,
+        max_rate_within_budget: best,
+        runs,
     })
 }
 
 /// A fixed-width table of runs.
 pub fn table(reports: &[RunReport]) -> String {
     let mut s = format!(
-        "{:<9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}  errors\n",
+        "{:<14} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}  errors\n",
         "rpc",
         "offered",
         "achieved",
@@ -430,8 +594,11 @@ pub fn table(reports: &[RunReport]) -> String {
                 .join(",")
         };
         s.push_str(&format!(
-            "{:<9} {:>9.1} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8} {:>10}  {errors}\n",
-            format!("{:?}", r.config.rpc).to_lowercase(),
+            "{:<14} {:>9.1} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8} {:>10}  {errors}\n",
+            match r.config.concurrency {
+                Some(c) => format!("{:?} c={c}", r.config.rpc).to_lowercase(),
+                None => format!("{:?}", r.config.rpc).to_lowercase(),
+            },
             r.offered_rps,
             r.achieved_rps,
             l.p50,

@@ -169,9 +169,26 @@ struct BenchArgs {
     deadline_ms: Option<u64>,
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Closed loop instead: this many callers, each sending when its last reply arrives (--rate ignored).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Sweep: start at the first --rate and multiply it by --sweep-factor until p99 exceeds --budget-ms.
+    #[arg(long)]
+    sweep: bool,
+    /// The p99 budget for --sweep, in milliseconds.
+    #[arg(long, default_value_t = 18.0)]
+    budget_ms: f64,
+    #[arg(long, default_value_t = 1.25)]
+    sweep_factor: f64,
+    /// Highest rate a sweep tries.
+    #[arg(long, default_value_t = 20_000.0)]
+    sweep_max: f64,
     /// Write the runs as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw an SVG here: latency vs offered rate for several runs, latency over time for one.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -549,32 +566,86 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut reports = Vec::new();
-    for &rate in &a.rate {
-        let cfg = cascade_bench::RunConfig {
-            endpoint: a.endpoint.clone(),
-            rpc: a.rpc,
-            rate,
-            poisson: a.poisson,
-            warmup: std::time::Duration::from_secs_f64(a.warmup),
-            duration: std::time::Duration::from_secs_f64(a.duration),
-            connections: a.connections,
-            k: a.k,
-            rank_items: a.rank_items,
-            cold_share: a.cold_share,
-            deadline: a.deadline_ms.map(std::time::Duration::from_millis),
-            seed: a.seed,
-        };
+    let base = |rate: f64| cascade_bench::RunConfig {
+        endpoint: a.endpoint.clone(),
+        rpc: a.rpc,
+        rate,
+        poisson: a.poisson,
+        warmup: std::time::Duration::from_secs_f64(a.warmup),
+        duration: std::time::Duration::from_secs_f64(a.duration),
+        connections: a.connections,
+        k: a.k,
+        rank_items: a.rank_items,
+        cold_share: a.cold_share,
+        deadline: a.deadline_ms.map(std::time::Duration::from_millis),
+        seed: a.seed,
+        concurrency: a.concurrency,
+    };
+    let show = |r: &cascade_bench::RunReport| {
+        eprint!("{}", cascade_bench::table(std::slice::from_ref(r)));
+    };
+    let label = match a.concurrency {
+        Some(c) => format!("closed loop, {c} callers"),
+        None => "open loop".into(),
+    };
+    let (reports, json) = if a.sweep {
+        let first = a.rate.first().copied().unwrap_or(100.0);
         eprintln!(
-            "{:?} at {rate} rps for {}s (+{}s warm-up) against {}",
-            a.rpc, a.duration, a.warmup, a.endpoint
+            "{:?} sweep ({label}) from {first} rps x{} until p99 > {} ms, {}s per rate, against {}",
+            a.rpc, a.sweep_factor, a.budget_ms, a.duration, a.endpoint
         );
-        reports.push(rt.block_on(cascade_bench::run(cfg, work.clone()))?);
-    }
-    print!("{}", cascade_bench::table(&reports));
+        let sw = rt.block_on(cascade_bench::sweep(
+            base(first),
+            work.clone(),
+            a.budget_ms,
+            a.sweep_factor,
+            a.sweep_max,
+            show,
+        ))?;
+        print!("{}", cascade_bench::table(&sw.runs));
+        match sw.max_rate_within_budget {
+            Some(r) => println!("max offered rate within p99 <= {} ms: {r} rps", a.budget_ms),
+            None => println!("no rate stayed within p99 <= {} ms", a.budget_ms),
+        }
+        let json = serde_json::to_string_pretty(&sw)?;
+        (sw.runs, json)
+    } else {
+        let mut reports = Vec::new();
+        let rates = if a.concurrency.is_some() {
+            vec![0.0]
+        } else {
+            a.rate.clone()
+        };
+        for rate in rates {
+            eprintln!(
+                "{:?} ({label}){} for {}s (+{}s warm-up) against {}",
+                a.rpc,
+                if a.concurrency.is_some() {
+                    String::new()
+                } else {
+                    format!(" at {rate} rps")
+                },
+                a.duration,
+                a.warmup,
+                a.endpoint
+            );
+            let r = rt.block_on(cascade_bench::run(base(rate), work.clone()))?;
+            show(&r);
+            reports.push(r);
+        }
+        print!("{}", cascade_bench::table(&reports));
+        let json = serde_json::to_string_pretty(&reports)?;
+        (reports, json)
+    };
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&reports)?)
-            .with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &a.plot {
+        if reports.len() > 1 {
+            cascade_bench::plot::rate_svg(p, &reports, a.budget_ms)?;
+        } else if let Some(r) = reports.first() {
+            cascade_bench::plot::timeline_svg(p, r)?;
+        }
     }
     Ok(())
 }

@@ -111,6 +111,39 @@ pub struct BatchStats {
     pub rows: AtomicU64,
     pub dropped: AtomicU64,
     pub panics: AtomicU64,
+    /// Forwards by rows: bucket `b` counts batches of `2^(b-1) < rows <= 2^b` rows.
+    pub rows_hist: [AtomicU64; 20],
+    /// Forwards by jobs packed together, same bucketing.
+    pub jobs_hist: [AtomicU64; 20],
+}
+
+/// The power-of-two bucket of `n` (1 → 0, 2 → 1, 3..=4 → 2, …), capped at 19.
+pub fn bucket(n: usize) -> usize {
+    (usize::BITS - n.saturating_sub(1).leading_zeros()).min(19) as usize
+}
+
+impl BatchStats {
+    /// "rows<=2^b: count" for non-empty buckets, for logs.
+    pub fn describe(&self) -> String {
+        let b = self.batches.load(Ordering::Relaxed);
+        let r = self.rows.load(Ordering::Relaxed);
+        let hist = |h: &[AtomicU64; 20]| -> String {
+            h.iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    let c = c.load(Ordering::Relaxed);
+                    (c > 0).then(|| format!("<={}:{c}", 1usize << i))
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        format!(
+            "{b} forwards, {r} rows ({:.1} per forward); rows per forward {}; requests per forward {}",
+            r as f64 / b.max(1) as f64,
+            hist(&self.rows_hist),
+            hist(&self.jobs_hist)
+        )
+    }
 }
 
 /// The forward the workers run: one output per input, in order.
@@ -238,11 +271,11 @@ fn worker<I: Rows, O>(
         let started = Instant::now();
         let inputs: Vec<&I> = jobs.iter().map(|j| &j.input).collect();
         let out = catch_unwind(AssertUnwindSafe(|| run(&inputs)));
+        let batch_rows: usize = inputs.iter().map(|i| i.rows()).sum();
         stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.rows.fetch_add(
-            inputs.iter().map(|i| i.rows() as u64).sum(),
-            Ordering::Relaxed,
-        );
+        stats.rows.fetch_add(batch_rows as u64, Ordering::Relaxed);
+        stats.rows_hist[bucket(batch_rows)].fetch_add(1, Ordering::Relaxed);
+        stats.jobs_hist[bucket(inputs.len())].fetch_add(1, Ordering::Relaxed);
         match out {
             Ok(Ok(outs)) if outs.len() == jobs.len() => {
                 for (j, o) in jobs.into_iter().zip(outs) {
@@ -309,6 +342,15 @@ mod tests {
     }
 
     #[test]
+    fn buckets_are_powers_of_two() {
+        let got: Vec<usize> = [1, 2, 3, 4, 5, 8, 9, 200, 4096, usize::MAX]
+            .iter()
+            .map(|&n| bucket(n))
+            .collect();
+        assert_eq!(got, vec![0, 1, 2, 2, 3, 3, 4, 8, 12, 19]);
+    }
+
+    #[test]
     fn outputs_go_back_to_their_own_callers() {
         let b = Arc::new(Batcher::spawn("t", BatchConfig::default(), doubler()).unwrap());
         let handles: Vec<_> = (0..16u32)
@@ -344,6 +386,11 @@ mod tests {
         assert_eq!(outs, vec![vec![0], vec![2], vec![4], vec![6]]);
         // Four jobs arrived well within 200 ms of the first: fewer forwards than jobs.
         assert!(b.stats.batches.load(Ordering::Relaxed) < 4);
+        let multi: u64 = b.stats.jobs_hist[1..]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum();
+        assert!(multi >= 1, "{}", b.stats.describe());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use cascade_model::nn::PairInputs;
 use cascade_model::serving::{FactorizedRanker, Row, UserPart};
 use cascade_train::eval::CascadeWeights;
 use cascade_train::features::Tables;
-use cascade_train::pipeline::{Artifact, VECTORS_FILE};
+use cascade_train::pipeline::Artifact;
 use fastbloom::BloomFilter;
 
 use crate::batch::{BatchConfig, Batcher, CallCtx, Rows};
@@ -486,13 +486,12 @@ fn sort_best_first(items: &mut [(u32, Scores)]) {
 impl Model {
     fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
         let artifact = Artifact::load(dir, device)?;
-        let (items, item_index) = cascade_data::format::read_items(&dir.join("items.csv"))?;
-        let vectors = candle_core::safetensors::load(dir.join(VECTORS_FILE), &Device::Cpu)?;
-        let text: Vec<Vec<f32>> = vectors
-            .get("item_text")
-            .ok_or_else(|| EngineError::Internal(format!("{VECTORS_FILE} lacks item_text")))?
-            .to_vec2()?;
-        let tables = Tables::build(&artifact.space, &items, &text, device)?;
+        let (items, tables) = cascade_train::devices::item_tables(&artifact, device)?;
+        let item_index = items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| (it.id.clone(), i as u32))
+            .collect();
         let space = &artifact.space;
         let user_index = space
             .user_ids

@@ -4,6 +4,7 @@ pub mod artifact;
 pub mod encoder;
 pub mod nn;
 pub mod ops;
+pub mod parity;
 pub mod serving;
 
 use std::path::{Path, PathBuf};

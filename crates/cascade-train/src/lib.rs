@@ -1,6 +1,7 @@
 //! Cascade's offline pipeline: featurisation, training loops, evaluation
 //! protocols and artifact writing.
 
+pub mod devices;
 pub mod eval;
 pub mod features;
 pub mod metrics;

@@ -117,6 +117,28 @@ fn artifact_round_trip_and_corruption() {
     // no temporary directories left beside the artifact
     assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
 
+    // The cross-device harness, CPU against CPU: the plain forward agrees
+    // with itself exactly and the factorized serving path within f32 noise;
+    // the throughput table covers every batch size.
+    let l = cascade_train::devices::LoadedRanker::load(&dir, &Device::Cpu).unwrap();
+    let l2 = cascade_train::devices::LoadedRanker::load(&dir, &Device::Cpu).unwrap();
+    let agree = cascade_train::devices::ranker_agreement(&l, &l2, 300, 9).unwrap();
+    assert_eq!(agree.len(), 4);
+    assert_eq!(agree[0].rel_err, 0.0);
+    assert_eq!(agree[1].rel_err, 0.0);
+    assert!(
+        agree.iter().all(|a| a.rel_err < 1e-5 && a.values == 300),
+        "{agree:?}"
+    );
+    let tp = cascade_train::devices::ranker_throughput(&l, &[1, 64, 1024], 10).unwrap();
+    assert_eq!(
+        tp.iter().map(|t| t.batch).collect::<Vec<_>>(),
+        vec![1, 64, 1024]
+    );
+    assert!(tp
+        .iter()
+        .all(|t| t.rows_per_s > 0.0 && t.gflops > 0.0 && t.median_ms <= t.p90_ms));
+
     let a = Artifact::load(&dir, &Device::Cpu).unwrap();
     assert_eq!(a.manifest, manifest);
     assert_eq!(a.item_vectors.len(), 90);

@@ -45,6 +45,8 @@ enum Cmd {
     Serve(ServeArgs),
     /// Open-loop load against a running server: latency percentiles from intended send times.
     Bench(BenchArgs),
+    /// Compare the ranker and the MiniLM-shaped encoder on a device against the CPU, and time the ranker per batch size.
+    GpuCheck(GpuCheckArgs),
     /// Verify an artifact directory (manifest, checksums, dimensions) and load it.
     Verify {
         /// Artifact version directory, or a root holding versions (the newest is checked).
@@ -192,6 +194,38 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+struct GpuCheckArgs {
+    /// Artifact (root or version) whose ranker is checked.
+    #[arg(long, env = "CASCADE_ARTIFACT", default_value = "artifacts")]
+    artifact: PathBuf,
+    /// Device under test: cuda, cuda:N (or cpu, to check the harness).
+    #[arg(long, default_value = "cuda")]
+    device: String,
+    /// Random rows compared between devices.
+    #[arg(long, default_value_t = 4096)]
+    rows: usize,
+    /// Largest relative error (max |a-b| / max |a|) that passes.
+    #[arg(long, default_value_t = 1e-4)]
+    tolerance: f64,
+    /// Batch sizes timed, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,16,64,256,1024,4096,16384,65536"
+    )]
+    batches: Vec<usize>,
+    /// Timed forwards per batch size (fewer for large batches).
+    #[arg(long, default_value_t = 200)]
+    iterations: usize,
+    /// Also time the CPU at the same batch sizes, in the same run.
+    #[arg(long)]
+    with_cpu: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct PredictArgs {
     /// Artifact version directory, or a root (the newest version is used).
     #[arg(long, env = "CASCADE_ARTIFACT", default_value = "artifacts")]
@@ -286,6 +320,7 @@ fn main() -> Result<()> {
         Cmd::Predict(a) => predict_cmd(a),
         Cmd::Serve(a) => serve_cmd(a),
         Cmd::Bench(a) => bench_cmd(a),
+        Cmd::GpuCheck(a) => gpu_check_cmd(a),
         Cmd::Verify { artifact } => verify_cmd(&artifact),
     }
 }
@@ -513,6 +548,10 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         max_in_flight: a.max_in_flight,
         workers: a.workers.unwrap_or_else(cascade_server::default_workers),
     };
+    let local = match &backend {
+        Backend::Local(h) => Some(h.clone()),
+        Backend::Gateway(_) => None,
+    };
     rt.block_on(async move {
         let listener = cascade_server::bind(a.listen).await?;
         tracing::info!(
@@ -523,6 +562,9 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         cascade_server::serve(backend, opts, listener, shutdown_signal()).await?;
         Ok::<_, anyhow::Error>(())
     })?;
+    if let Some(h) = local {
+        tracing::info!("ranking batches: {}", h.current().batch_stats().describe());
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }
@@ -647,6 +689,82 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             cascade_bench::plot::timeline_svg(p, r)?;
         }
     }
+    Ok(())
+}
+
+fn gpu_check_cmd(a: GpuCheckArgs) -> Result<()> {
+    use cascade_train::devices::{ranker_agreement, ranker_throughput, LoadedRanker};
+    let dir = resolve_artifact(&a.artifact)?;
+    let dev = cascade_model::select_device(&a.device)?;
+    let name = cascade_model::device_name(&dev);
+    if a.device.starts_with("cuda") && matches!(dev, cascade_model::Device::Cpu) {
+        anyhow::bail!(
+            "{} is not usable here (see the warning above); nothing to check",
+            a.device
+        );
+    }
+    let cpu = LoadedRanker::load(&dir, &cascade_model::Device::Cpu)?;
+    let other = LoadedRanker::load(&dir, &dev)?;
+    let mut agree = ranker_agreement(&cpu, &other, a.rows, 2026)?;
+    agree.push(cascade_model::parity::encoder_agreement(
+        &cascade_model::Device::Cpu,
+        &dev,
+        8,
+        64,
+        2026,
+    )?);
+    println!(
+        "{:<62} {:>8} {:>12} {:>12}  pass",
+        "agreement", "values", "max |a-b|", "rel err"
+    );
+    let mut pass = true;
+    for x in &agree {
+        let ok = x.rel_err < a.tolerance;
+        pass &= ok;
+        println!(
+            "{:<62} {:>8} {:>12.3e} {:>12.3e}  {}",
+            x.what,
+            x.values,
+            x.max_abs_err,
+            x.rel_err,
+            if ok { "yes" } else { "NO" }
+        );
+    }
+    let mut tp = ranker_throughput(&other, &a.batches, a.iterations)?;
+    if a.with_cpu && !matches!(dev, cascade_model::Device::Cpu) {
+        tp.extend(ranker_throughput(&cpu, &a.batches, a.iterations)?);
+    }
+    println!(
+        "\nranker forward ({:.0} FLOP per row)\n{:<8} {:>8} {:>11} {:>11} {:>14} {:>10}",
+        other.flops_per_row(),
+        "device",
+        "batch",
+        "median ms",
+        "p90 ms",
+        "rows/s",
+        "GFLOP/s"
+    );
+    for t in &tp {
+        println!(
+            "{:<8} {:>8} {:>11.4} {:>11.4} {:>14.0} {:>10.2}",
+            t.device, t.batch, t.median_ms, t.p90_ms, t.rows_per_s, t.gflops
+        );
+    }
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({
+            "command": "cascade gpu-check",
+            "device": name,
+            "artifact": dir.file_name().and_then(|n| n.to_str()),
+            "tolerance": a.tolerance,
+            "pass": pass,
+            "agreement": agree,
+            "flops_per_row": other.flops_per_row(),
+            "throughput": tp,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    anyhow::ensure!(pass, "{name} disagrees with the CPU beyond {}", a.tolerance);
     Ok(())
 }
 

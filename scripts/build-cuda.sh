@@ -16,13 +16,9 @@ ROOT=$PWD
 W=$ROOT/.cuda-build
 mkdir -p "$W"
 
-# 1. Toolkit from wheels (sha256 of each wheel is checked by pip's --require-hashes
-#    in a later revision; the versions are pinned here).
+# 1. Toolkit from wheels, pinned by version and sha256 (scripts/cuda-wheels.txt).
 if [ ! -x "$W/site/nvidia/cu13/bin/nvcc" ]; then
-  python3 -m pip download -q --no-deps -d "$W/wheels" \
-    nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
-    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14 \
-    nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+  python3 -m pip download -q --no-deps --require-hashes -r scripts/cuda-wheels.txt -d "$W/wheels"
   python3 -m pip install -q --no-deps --no-index --target "$W/site" "$W"/wheels/*.whl
 fi
 C=$W/site/nvidia/cu13

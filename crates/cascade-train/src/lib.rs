@@ -7,6 +7,7 @@ pub mod features;
 pub mod metrics;
 pub mod pipeline;
 pub mod plot;
+pub mod synth;
 pub mod train;
 
 #[derive(Debug, thiserror::Error)]

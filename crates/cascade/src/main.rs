@@ -47,6 +47,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Compare the ranker and the MiniLM-shaped encoder on a device against the CPU, and time the ranker per batch size.
     GpuCheck(GpuCheckArgs),
+    /// Generate a synthetic clustered catalogue (e.g. 1M items) as a servable artifact.
+    Synth(SynthArgs),
     /// Verify an artifact directory (manifest, checksums, dimensions) and load it.
     Verify {
         /// Artifact version directory, or a root holding versions (the newest is checked).
@@ -226,6 +228,42 @@ struct GpuCheckArgs {
 }
 
 #[derive(Args)]
+struct SynthArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    items: usize,
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Interactions per user.
+    #[arg(long, default_value_t = 20)]
+    per_user: usize,
+    #[arg(long, default_value_t = 256)]
+    clusters: usize,
+    /// Two-tower embedding width.
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    /// Width of the stand-in text embeddings.
+    #[arg(long, default_value_t = 32)]
+    text_dim: usize,
+    #[arg(long, default_value_t = 200)]
+    candidates: usize,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// HNSW links per node (M).
+    #[arg(long, default_value_t = IndexParams::default().max_nb_connection)]
+    max_nb_connection: usize,
+    #[arg(long, default_value_t = IndexParams::default().ef_construction)]
+    ef_construction: usize,
+    #[arg(long, default_value_t = IndexParams::default().ef_search)]
+    ef_search: usize,
+    /// Root under which the version directory is written.
+    #[arg(long, default_value = "artifacts-synth")]
+    out: PathBuf,
+    /// Also write the generation report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct PredictArgs {
     /// Artifact version directory, or a root (the newest version is used).
     #[arg(long, env = "CASCADE_ARTIFACT", default_value = "artifacts")]
@@ -321,6 +359,7 @@ fn main() -> Result<()> {
         Cmd::Serve(a) => serve_cmd(a),
         Cmd::Bench(a) => bench_cmd(a),
         Cmd::GpuCheck(a) => gpu_check_cmd(a),
+        Cmd::Synth(a) => synth_cmd(a),
         Cmd::Verify { artifact } => verify_cmd(&artifact),
     }
 }
@@ -688,6 +727,48 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         } else if let Some(r) = reports.first() {
             cascade_bench::plot::timeline_svg(p, r)?;
         }
+    }
+    Ok(())
+}
+
+fn synth_cmd(a: SynthArgs) -> Result<()> {
+    let cfg = cascade_train::synth::SynthConfig {
+        items: a.items,
+        users: a.users,
+        per_user: a.per_user,
+        clusters: a.clusters,
+        dim: a.dim,
+        text_dim: a.text_dim,
+        candidates: a.candidates,
+        seed: a.seed,
+        index: IndexParams {
+            max_nb_connection: a.max_nb_connection,
+            ef_construction: a.ef_construction,
+            ef_search: a.ef_search,
+            ..IndexParams::default()
+        },
+    };
+    anyhow::ensure!(
+        cfg.items >= cfg.clusters && cfg.clusters > 0 && cfg.users > 0 && cfg.per_user > 0,
+        "need items >= clusters > 0 and at least one user with one interaction"
+    );
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let (dir, _, r) = cascade_train::synth::synth_artifact(&a.out, &cfg)?;
+    println!(
+        "synthetic artifact {} -> {}: {} items, {} users; generated in {:.1}s, written in {:.1}s (HNSW build {:.1}s, recall@100 vs exact {:.4}); {:.1} MiB",
+        r.model_version,
+        dir.display(),
+        cfg.items,
+        cfg.users,
+        r.generate_seconds,
+        r.write_seconds,
+        r.hnsw_build_seconds,
+        r.hnsw_recall_at_100,
+        r.artifact_bytes as f64 / 1048576.0
+    );
+    if let Some(p) = &a.report {
+        std::fs::write(p, serde_json::to_string_pretty(&r)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
 }

@@ -6,14 +6,14 @@
 //!
 //! Item vectors are drawn around `clusters` random unit centres (the cluster
 //! of item `i` is `i % clusters`, as in the planted interactions), which is
-//! what gives HNSW a realistic, non-uniform geometry. The user tower is the
-//! seeded one, so its vectors are consistent with the served model but carry
-//! no learned taste: this artifact is for scale and latency, not quality.
+//! what gives HNSW a realistic, non-uniform geometry. The served user tower
+//! is the seeded, untrained one: this artifact is for scale and latency, not
+//! quality.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 use cascade_data::synthetic::planted;
 use cascade_model::artifact::Manifest;
@@ -135,11 +135,20 @@ pub fn synth_artifact(
     seeded_init(&rk_vars, cfg.seed ^ 1)?;
 
     let item_vecs = clustered(cfg.items, cfg.dim, cfg.clusters, 0.6, &mut rng);
-    let n_users = space.dims.num_users as u32;
-    let user_vecs: Vec<f32> = two_tower
-        .user(&tables.users(&Tensor::arange(0u32, n_users, &dev)?)?)?
-        .flatten_all()?
-        .to_vec1()?;
+    // The stored user vectors (used to measure HNSW recall, as for a trained
+    // artifact) are each user's normalised mean of their items' vectors:
+    // what a trained user tower approximates. The seeded user tower that
+    // serves requests is untrained, so its queries are arbitrary directions
+    // (harder for HNSW: lower recall, longer walks than real traffic).
+    let d = cfg.dim;
+    let mut user_vecs = vec![0f32; space.dims.num_users * d];
+    for x in &ds.interactions {
+        let (u, i) = (x.user as usize, x.item as usize);
+        for j in 0..d {
+            user_vecs[u * d + j] += item_vecs[i * d + j];
+        }
+    }
+    user_vecs.chunks_mut(d).for_each(unit);
     let weights = CascadeWeights {
         rating: 0.25,
         retrieval: 1.0,

@@ -641,6 +641,24 @@ fn train_first(a: &ServeArgs) -> Result<()> {
     )
 }
 
+/// A progress bar over one run's seconds (hidden when stderr is not a terminal).
+fn run_bar(seconds: f64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new((seconds * 10.0) as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("  {bar:40} {elapsed}/{duration} {msg}")
+    {
+        bar.set_style(style);
+    }
+    let ticker = bar.clone();
+    std::thread::spawn(move || {
+        while !ticker.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            ticker.inc(1);
+        }
+    });
+    bar
+}
+
 fn bench_cmd(a: BenchArgs) -> Result<()> {
     let dir = resolve_artifact(&a.artifact)?;
     let work = std::sync::Arc::new(cascade_bench::Workload::from_artifact(&dir)?);
@@ -675,6 +693,12 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             "{:?} sweep ({label}) from {first} rps x{} until p99 > {} ms, {}s per rate, against {}",
             a.rpc, a.sweep_factor, a.budget_ms, a.duration, a.endpoint
         );
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar.set_message("sweeping");
+        let show = |r: &cascade_bench::RunReport| {
+            bar.suspend(|| show(r));
+        };
         let sw = rt.block_on(cascade_bench::sweep(
             base(first),
             work.clone(),
@@ -683,6 +707,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             a.sweep_max,
             show,
         ))?;
+        bar.finish_and_clear();
         print!("{}", cascade_bench::table(&sw.runs));
         match sw.max_rate_within_budget {
             Some(r) => println!("max offered rate within p99 <= {} ms: {r} rps", a.budget_ms),
@@ -710,7 +735,10 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
                 a.warmup,
                 a.endpoint
             );
-            let r = rt.block_on(cascade_bench::run(base(rate), work.clone()))?;
+            let bar = run_bar(a.warmup + a.duration);
+            let r = rt.block_on(cascade_bench::run(base(rate), work.clone()));
+            bar.finish_and_clear();
+            let r = r?;
             show(&r);
             reports.push(r);
         }

@@ -525,6 +525,11 @@ fn index_cmd(a: IndexArgs) -> Result<()> {
 
 fn serve_cmd(a: ServeArgs) -> Result<()> {
     use cascade_server::{Backend, Role, ServeOptions};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    // The gateway's lazy channels spawn their connection tasks on the runtime.
+    let _in_runtime = rt.enter();
     let (backend, device) = if a.role == Role::Gateway {
         let (Some(retrieval), Some(ranker)) = (&a.retrieval_endpoint, &a.ranker_endpoint) else {
             anyhow::bail!("--role gateway needs --retrieval-endpoint and --ranker-endpoint");
@@ -578,9 +583,6 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         }
         (Backend::Local(handle), device)
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     let opts = ServeOptions {
         role: a.role,
         device,

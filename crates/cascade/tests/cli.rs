@@ -89,6 +89,113 @@ fn train_then_verify() {
     assert!(!ok && text.contains("num_results"), "{text}");
 
     serve_bench_and_sigterm(&artifacts, t.path());
+    split_roles_serve(&artifacts, t.path());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Start `cascade serve` with `args`; returns the child once it logs that it serves.
+fn serve(artifacts: &Path, events: &Path, port: u16, args: &[&str]) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = cascade()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--artifact",
+        ])
+        .arg(artifacts)
+        .arg("--event-log")
+        .arg(events)
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(l) if l.contains("serving cascade.v1") => break,
+            Ok(l) => log.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("{args:?} never came up: {log:#?}");
+            }
+        }
+    }
+    child
+}
+
+/// The binary in split roles: retrieval + ranker + gateway processes answer
+/// `cascade bench` load through the gateway without an error.
+fn split_roles_serve(artifacts: &Path, tmp: &Path) {
+    let (pr, pk, pg) = (free_port(), free_port(), free_port());
+    let mut retrieval = serve(artifacts, &tmp.join("r.log"), pr, &["--role", "retrieval"]);
+    let mut ranker = serve(artifacts, &tmp.join("k.log"), pk, &["--role", "ranker"]);
+    let (re, ke) = (
+        format!("http://127.0.0.1:{pr}"),
+        format!("http://127.0.0.1:{pk}"),
+    );
+    let mut gateway = serve(
+        artifacts,
+        &tmp.join("g.log"),
+        pg,
+        &[
+            "--role",
+            "gateway",
+            "--retrieval-endpoint",
+            &re,
+            "--ranker-endpoint",
+            &ke,
+        ],
+    );
+    let bench = cascade()
+        .args([
+            "bench",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--endpoint",
+        ])
+        .arg(format!("http://127.0.0.1:{pg}"))
+        .arg("--artifact")
+        .arg(artifacts)
+        .arg("--json")
+        .arg(tmp.join("split.json"))
+        .output()
+        .unwrap();
+    for c in [&mut gateway, &mut retrieval, &mut ranker] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let out = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.join("split.json")).unwrap()).unwrap();
+    assert_eq!(runs[0]["errors"], serde_json::json!({}), "{out}");
+    assert!(runs[0]["ok"].as_u64().unwrap() >= 45, "{out}");
 }
 
 /// `cascade serve` answers `cascade bench` load without errors, and SIGTERM

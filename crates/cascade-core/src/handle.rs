@@ -48,24 +48,13 @@ impl EngineHandle {
         events: Arc<EventStore>,
     ) -> Result<Self, EngineError> {
         let dir = resolve(root, None)?;
-        let engine = Engine::load_with(&dir, device, cfg, events.clone())?;
+        let engine = Engine::load_with(&dir, device, cfg, events)?;
         engine.warm()?;
-        let root = if dir == root {
-            dir.parent().map(Path::to_path_buf).unwrap_or_default()
-        } else {
-            root.to_path_buf()
-        };
-        Ok(Self {
-            current: ArcSwap::from_pointee(engine),
-            root,
-            device: device.clone(),
-            cfg,
-            events,
-            reloading: Mutex::new(()),
-        })
+        Ok(Self::from_engine(engine, device, cfg))
     }
 
-    /// Wrap an already loaded engine (tests, tools); reloads look beside it.
+    /// Wrap an already loaded engine; reloads look beside it (in its parent
+    /// directory) and share its event store.
     pub fn from_engine(engine: Engine, device: &Device, cfg: EngineConfig) -> Self {
         let root = engine
             .dir()

@@ -45,6 +45,16 @@ fn engine() -> (tempfile::TempDir, Engine) {
     (root, engine)
 }
 
+/// One "view" event of `item` by `user`.
+fn viewed(user: &str, item: &str) -> cascade_core::Event {
+    cascade_core::Event {
+        user_id: user.into(),
+        item_id: item.into(),
+        kind: "view".into(),
+        timestamp: 1,
+    }
+}
+
 fn req(user: &str, k: usize) -> PredictRequest {
     PredictRequest {
         user_id: user.into(),
@@ -236,12 +246,7 @@ fn recorded_events_take_effect_and_survive_restart() {
     assert_eq!(e.open_event_log(&log).unwrap(), 0);
     let user = "u2";
     let top = e.predict(&req(user, 5)).unwrap().items[0].item_id.clone();
-    let ev = |item: &str| cascade_core::Event {
-        user_id: user.into(),
-        item_id: item.into(),
-        kind: "view".into(),
-        timestamp: 1,
-    };
+    let ev = |item: &str| viewed(user, item);
     assert_eq!(e.record_events(&[ev(&top)]).unwrap(), 1);
     // The very next Predict no longer returns it.
     assert!(e
@@ -269,13 +274,7 @@ fn recorded_events_take_effect_and_survive_restart() {
     let cold_top = e.predict(&req("newcomer", 1)).unwrap().items[0]
         .item_id
         .clone();
-    e.record_events(&[cascade_core::Event {
-        user_id: "newcomer".into(),
-        item_id: cold_top.clone(),
-        kind: "view".into(),
-        timestamp: 2,
-    }])
-    .unwrap();
+    e.record_events(&[viewed("newcomer", &cold_top)]).unwrap();
     assert_ne!(
         e.predict(&req("newcomer", 1)).unwrap().items[0].item_id,
         cold_top
@@ -390,13 +389,8 @@ fn user_state_is_cached_until_the_user_records_an_event() {
     let again = e.predict(&req("u7", 5)).unwrap();
     assert!(again.user_cache_hit);
     assert_eq!(again.items, first.items);
-    e.record_events(&[cascade_core::Event {
-        user_id: "u7".into(),
-        item_id: first.items[0].item_id.clone(),
-        kind: "view".into(),
-        timestamp: 3,
-    }])
-    .unwrap();
+    e.record_events(&[viewed("u7", &first.items[0].item_id)])
+        .unwrap();
     let after = e.predict(&req("u7", 5)).unwrap();
     assert!(
         !after.user_cache_hit,

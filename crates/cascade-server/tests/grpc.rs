@@ -21,6 +21,18 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+/// One "view" event of `item` by `user`.
+fn viewed(user: &str, item: &str) -> RecordEventsRequest {
+    RecordEventsRequest {
+        events: vec![Event {
+            user_id: user.into(),
+            item_id: item.into(),
+            kind: "view".into(),
+            timestamp: 1,
+        }],
+    }
+}
+
 /// A Predict request for `user` with `k` results and defaults elsewhere.
 fn predict_req(user: &str, k: u32) -> PredictRequest {
     PredictRequest {
@@ -243,14 +255,7 @@ async fn grpc_round_trip() {
     // RecordEvents: the next Predict excludes the item.
     let first = resp.items[0].item_id.clone();
     let rec = client
-        .record_events(RecordEventsRequest {
-            events: vec![Event {
-                user_id: "u3".into(),
-                item_id: first.clone(),
-                kind: "view".into(),
-                timestamp: 1,
-            }],
-        })
+        .record_events(viewed("u3", &first))
         .await
         .unwrap()
         .into_inner();
@@ -262,14 +267,7 @@ async fn grpc_round_trip() {
         .into_inner();
     assert!(after.items.iter().all(|it| it.item_id != first));
     let e = client
-        .record_events(RecordEventsRequest {
-            events: vec![Event {
-                user_id: "u3".into(),
-                item_id: "nope".into(),
-                kind: "view".into(),
-                timestamp: 1,
-            }],
-        })
+        .record_events(viewed("u3", "nope"))
         .await
         .expect_err("unknown item");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
@@ -563,16 +561,7 @@ async fn split_roles_return_what_all_returns() {
         .items[0]
         .item_id
         .clone();
-    g.record_events(RecordEventsRequest {
-        events: vec![Event {
-            user_id: "u8".into(),
-            item_id: top.clone(),
-            kind: "view".into(),
-            timestamp: 9,
-        }],
-    })
-    .await
-    .unwrap();
+    g.record_events(viewed("u8", &top)).await.unwrap();
     let after = g.predict(predict_req("u8", 5)).await.unwrap().into_inner();
     assert!(after.items.iter().all(|it| it.item_id != top));
 
@@ -659,16 +648,7 @@ async fn events_survive_a_server_restart_and_oversized_requests_are_refused() {
         .items[0]
         .item_id
         .clone();
-    c.record_events(RecordEventsRequest {
-        events: vec![Event {
-            user_id: "u9".into(),
-            item_id: top.clone(),
-            kind: "view".into(),
-            timestamp: 5,
-        }],
-    })
-    .await
-    .unwrap();
+    c.record_events(viewed("u9", &top)).await.unwrap();
     // More than the 4 MiB cap: refused by the codec, the server lives on.
     let huge = PredictRequest {
         exclude_item_ids: vec!["x".repeat(1024); 5 * 1024],

@@ -248,13 +248,8 @@ struct SynthArgs {
     candidates: usize,
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// HNSW links per node (M).
-    #[arg(long, default_value_t = IndexParams::default().max_nb_connection)]
-    max_nb_connection: usize,
-    #[arg(long, default_value_t = IndexParams::default().ef_construction)]
-    ef_construction: usize,
-    #[arg(long, default_value_t = IndexParams::default().ef_search)]
-    ef_search: usize,
+    #[command(flatten)]
+    hnsw: HnswArgs,
     /// Root under which the version directory is written.
     #[arg(long, default_value = "artifacts-synth")]
     out: PathBuf,
@@ -293,6 +288,13 @@ struct IndexArgs {
     /// Root for the new version (default: the source's parent).
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    hnsw: HnswArgs,
+}
+
+/// HNSW build parameters (`index`, `synth`).
+#[derive(Args)]
+struct HnswArgs {
     /// HNSW links per node (M).
     #[arg(long, default_value_t = IndexParams::default().max_nb_connection)]
     max_nb_connection: usize,
@@ -301,6 +303,17 @@ struct IndexArgs {
     /// Default search beam width recorded for the server.
     #[arg(long, default_value_t = IndexParams::default().ef_search)]
     ef_search: usize,
+}
+
+impl HnswArgs {
+    fn params(&self) -> IndexParams {
+        IndexParams {
+            max_nb_connection: self.max_nb_connection,
+            ef_construction: self.ef_construction,
+            ef_search: self.ef_search,
+            ..IndexParams::default()
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -504,13 +517,7 @@ fn index_cmd(a: IndexArgs) -> Result<()> {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(".")),
     };
-    let params = IndexParams {
-        max_nb_connection: a.max_nb_connection,
-        ef_construction: a.ef_construction,
-        ef_search: a.ef_search,
-        ..IndexParams::default()
-    };
-    let (dir, m) = pipeline::reindex(&src, &root, params)?;
+    let (dir, m) = pipeline::reindex(&src, &root, a.hnsw.params())?;
     println!(
         "artifact {} written to {} (HNSW M={} ef_construction={} ef_search={}: recall@100 vs exact {:.4})",
         m.model_version,
@@ -771,12 +778,7 @@ fn synth_cmd(a: SynthArgs) -> Result<()> {
         text_dim: a.text_dim,
         candidates: a.candidates,
         seed: a.seed,
-        index: IndexParams {
-            max_nb_connection: a.max_nb_connection,
-            ef_construction: a.ef_construction,
-            ef_search: a.ef_search,
-            ..IndexParams::default()
-        },
+        index: a.hnsw.params(),
     };
     anyhow::ensure!(
         cfg.items >= cfg.clusters && cfg.clusters > 0 && cfg.users > 0 && cfg.per_user > 0,

@@ -100,185 +100,123 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Start `cascade serve` with `args`; returns the child once it logs that it serves.
-fn serve(artifacts: &Path, events: &Path, port: u16, args: &[&str]) -> std::process::Child {
-    use std::io::BufRead;
-    let mut child = cascade()
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--artifact",
-        ])
-        .arg(artifacts)
-        .arg("--event-log")
-        .arg(events)
-        .args(args)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    loop {
-        match rx.recv_timeout(std::time::Duration::from_secs(60)) {
-            Ok(l) if l.contains("serving cascade.v1") => break,
-            Ok(l) => log.push(l),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("{args:?} never came up: {log:#?}");
+/// A `cascade serve` process and the lines it has logged so far.
+struct Served {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: Vec<String>,
+    url: String,
+}
+
+impl Served {
+    /// Start `cascade serve` with `args`; returns once it logs that it serves.
+    fn start(artifacts: &Path, events: &Path, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let port = free_port();
+        let mut child = cascade()
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--artifact")
+            .arg(artifacts)
+            .arg("--event-log")
+            .arg(events)
+            .args(args)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let mut s = Self {
+            child,
+            lines,
+            log: Vec::new(),
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        loop {
+            match s.lines.recv_timeout(std::time::Duration::from_secs(60)) {
+                Ok(l) if l.contains("serving cascade.v1") => return s,
+                Ok(l) => s.log.push(l),
+                Err(_) => {
+                    let _ = s.child.kill();
+                    panic!("{args:?} never came up: {:#?}", s.log);
+                }
             }
         }
     }
-    child
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `cascade bench` against `url` for a second at `rate`: every request succeeds.
+fn bench_without_errors(url: &str, artifacts: &Path, json: &Path, rate: u64) {
+    let bench = cascade()
+        .args(["bench", "--duration", "1", "--warmup", "0.2", "--rate"])
+        .arg(rate.to_string())
+        .arg("--endpoint")
+        .arg(url)
+        .arg("--artifact")
+        .arg(artifacts)
+        .arg("--json")
+        .arg(json)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&bench.stdout);
+    assert!(
+        bench.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(runs[0]["errors"], serde_json::json!({}), "{out}");
+    assert!(runs[0]["ok"].as_u64().unwrap() >= rate * 9 / 10, "{out}");
 }
 
 /// The binary in split roles: retrieval + ranker + gateway processes answer
 /// `cascade bench` load through the gateway without an error.
 fn split_roles_serve(artifacts: &Path, tmp: &Path) {
-    let (pr, pk, pg) = (free_port(), free_port(), free_port());
-    let mut retrieval = serve(artifacts, &tmp.join("r.log"), pr, &["--role", "retrieval"]);
-    let mut ranker = serve(artifacts, &tmp.join("k.log"), pk, &["--role", "ranker"]);
-    let (re, ke) = (
-        format!("http://127.0.0.1:{pr}"),
-        format!("http://127.0.0.1:{pk}"),
-    );
-    let mut gateway = serve(
+    let retrieval = Served::start(artifacts, &tmp.join("r.log"), &["--role", "retrieval"]);
+    let ranker = Served::start(artifacts, &tmp.join("k.log"), &["--role", "ranker"]);
+    let gateway = Served::start(
         artifacts,
         &tmp.join("g.log"),
-        pg,
         &[
             "--role",
             "gateway",
             "--retrieval-endpoint",
-            &re,
+            &retrieval.url,
             "--ranker-endpoint",
-            &ke,
+            &ranker.url,
         ],
     );
-    let bench = cascade()
-        .args([
-            "bench",
-            "--rate",
-            "50",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.2",
-            "--endpoint",
-        ])
-        .arg(format!("http://127.0.0.1:{pg}"))
-        .arg("--artifact")
-        .arg(artifacts)
-        .arg("--json")
-        .arg(tmp.join("split.json"))
-        .output()
-        .unwrap();
-    for c in [&mut gateway, &mut retrieval, &mut ranker] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    let out = String::from_utf8_lossy(&bench.stdout);
-    assert!(
-        bench.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&bench.stderr)
-    );
-    let runs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.join("split.json")).unwrap()).unwrap();
-    assert_eq!(runs[0]["errors"], serde_json::json!({}), "{out}");
-    assert!(runs[0]["ok"].as_u64().unwrap() >= 45, "{out}");
+    bench_without_errors(&gateway.url, artifacts, &tmp.join("split.json"), 50);
 }
 
 /// `cascade serve` answers `cascade bench` load without errors, and SIGTERM
 /// makes it drain and exit 0.
 fn serve_bench_and_sigterm(artifacts: &Path, tmp: &Path) {
-    use std::io::BufRead;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = cascade()
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--artifact",
-        ])
-        .arg(artifacts)
-        .arg("--event-log")
-        .arg(tmp.join("events.log"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = server.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            let _ = tx.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !log
-        .iter()
-        .any(|l: &String| l.contains("serving cascade.v1"))
-    {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) => log.push(l),
-            Err(_) => panic!("server never came up: {log:#?}"),
-        }
-    }
-    let bench = cascade()
-        .args([
-            "bench",
-            "--rate",
-            "100",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.2",
-            "--endpoint",
-        ])
-        .arg(format!("http://127.0.0.1:{port}"))
-        .arg("--artifact")
-        .arg(artifacts)
-        .arg("--json")
-        .arg(tmp.join("bench.json"))
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&bench.stdout);
-    assert!(
-        bench.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&bench.stderr)
-    );
-    let runs: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.join("bench.json")).unwrap()).unwrap();
-    assert_eq!(runs[0]["errors"], serde_json::json!({}), "{out}");
-    assert!(runs[0]["ok"].as_u64().unwrap() >= 90, "{out}");
-
+    let mut server = Served::start(artifacts, &tmp.join("events.log"), &[]);
+    bench_without_errors(&server.url, artifacts, &tmp.join("bench.json"), 100);
     let kill = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
+        .args(["-TERM", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
     let t0 = std::time::Instant::now();
     let status = loop {
-        if let Some(s) = server.try_wait().unwrap() {
+        if let Some(s) = server.child.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -287,11 +225,18 @@ fn serve_bench_and_sigterm(artifacts: &Path, tmp: &Path) {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    while let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(500)) {
-        log.push(l);
+    while let Ok(l) = server
+        .lines
+        .recv_timeout(std::time::Duration::from_millis(500))
+    {
+        server.log.push(l);
     }
-    assert!(status.success(), "exit {status:?}: {log:#?}");
-    assert!(log.iter().any(|l| l.contains("drained")), "{log:#?}");
+    assert!(status.success(), "exit {status:?}: {:#?}", server.log);
+    assert!(
+        server.log.iter().any(|l| l.contains("drained")),
+        "{:#?}",
+        server.log
+    );
 }
 
 fn predict(artifacts: &Path, user: &str, k: &str) -> (bool, String) {

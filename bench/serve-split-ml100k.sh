@@ -17,7 +17,7 @@ trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
 ART=$(ls -d artifacts/*/ | sort | tail -1)
 start() { # name port args...
   local name=$1 port=$2; shift 2
-  "$BIN" serve --artifact "$ART" --listen "127.0.0.1:$port" --event-log "$work/$name.events" "$@" \
+  "$BIN" serve --artifact "$ART" --listen "127.0.0.1:$port" --metrics-addr 127.0.0.1:0 --event-log "$work/$name.events" "$@" \
     2>"$work/$name.log" &
   pids+=($!)
   until grep -q "serving cascade.v1" "$work/$name.log"; do sleep 0.2; done

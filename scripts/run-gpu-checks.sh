@@ -46,7 +46,7 @@ if grep -q "falling back to CPU" "$R/fallback.txt"; then say "fallback: ok (cuda
 serve() { # device port extra-flags...
   local dev=$1 port=$2; shift 2
   "$B" serve --artifact "$A" --device "$dev" --listen "127.0.0.1:$port" \
-    --event-log "$R/events-$port.log" "$@" 2>"$R/serve-$dev-$port.log" &
+    --metrics-addr 127.0.0.1:0 --event-log "$R/events-$port.log" "$@" 2>"$R/serve-$dev-$port.log" &
   SERVER=$!
   LOG=$R/serve-$dev-$port.log
   for _ in $(seq 1 120); do

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 
+use crate::metrics::EngineMetrics;
 use crate::EngineError;
 
 /// Batching knobs (Triton's `max_batch_size` / `max_queue_delay_microseconds`).
@@ -101,7 +102,29 @@ struct Job<I, O> {
     input: I,
     ctx: CallCtx,
     queued: Instant,
-    reply: Sender<Result<(O, Duration), EngineError>>,
+    reply: Sender<Result<(O, BatchRun), EngineError>>,
+}
+
+/// How a job's forward went, measured once by the worker: the caller's stage
+/// spans and the stage histograms are built from it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchRun {
+    /// When the job entered the queue.
+    pub queued: Instant,
+    /// When the forward holding it started (queue wait = `started - queued`).
+    pub started: Instant,
+    /// How long that forward took.
+    pub forward: Duration,
+    /// Rows in that forward (this job's and its batch-mates').
+    pub rows: u32,
+    /// Jobs in that forward.
+    pub jobs: u32,
+}
+
+impl BatchRun {
+    pub fn queue_wait(&self) -> Duration {
+        self.started.saturating_duration_since(self.queued)
+    }
 }
 
 /// Counters the metrics layer reads.
@@ -157,6 +180,16 @@ pub struct Batcher<I, O> {
 
 impl<I: Rows + Send + 'static, O: Send + 'static> Batcher<I, O> {
     pub fn spawn(name: &str, cfg: BatchConfig, run: Arc<BatchFn<I, O>>) -> std::io::Result<Self> {
+        Self::spawn_with(name, cfg, run, EngineMetrics::default())
+    }
+
+    /// As [`Batcher::spawn`], counting into `metrics`.
+    pub fn spawn_with(
+        name: &str,
+        cfg: BatchConfig,
+        run: Arc<BatchFn<I, O>>,
+        metrics: EngineMetrics,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = bounded::<Job<I, O>>(cfg.queue.max(1));
         let stats = Arc::new(BatchStats::default());
         let mut workers = Vec::new();
@@ -164,10 +197,11 @@ impl<I: Rows + Send + 'static, O: Send + 'static> Batcher<I, O> {
             let rx = rx.clone();
             let run = run.clone();
             let stats = stats.clone();
+            let metrics = metrics.clone();
             workers.push(
                 std::thread::Builder::new()
                     .name(format!("{name}-{n}"))
-                    .spawn(move || worker(rx, cfg, &*run, &stats))?,
+                    .spawn(move || worker(rx, cfg, &*run, &stats, &metrics))?,
             );
         }
         Ok(Self {
@@ -183,9 +217,9 @@ impl<I: Rows + Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 
     /// Queue `input` and wait for its output (blocking the calling thread,
-    /// which must not be an async worker). Returns the output and the time
-    /// the job waited in the queue.
-    pub fn run(&self, input: I, ctx: &CallCtx) -> Result<(O, Duration), EngineError> {
+    /// which must not be an async worker). Returns the output and how its
+    /// forward went.
+    pub fn run(&self, input: I, ctx: &CallCtx) -> Result<(O, BatchRun), EngineError> {
         ctx.check()?;
         let (reply, rx) = bounded(1);
         let job = Job {
@@ -230,6 +264,7 @@ fn worker<I: Rows, O>(
     cfg: BatchConfig,
     run: &BatchFn<I, O>,
     stats: &BatchStats,
+    metrics: &EngineMetrics,
 ) {
     let mut carry: Option<Job<I, O>> = None;
     loop {
@@ -261,6 +296,7 @@ fn worker<I: Rows, O>(
             Ok(()) => true,
             Err(e) => {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics.rank_jobs_dropped.inc();
                 let _ = j.reply.send(Err(e));
                 false
             }
@@ -271,18 +307,30 @@ fn worker<I: Rows, O>(
         let started = Instant::now();
         let inputs: Vec<&I> = jobs.iter().map(|j| &j.input).collect();
         let out = catch_unwind(AssertUnwindSafe(|| run(&inputs)));
+        let forward = started.elapsed();
         let batch_rows: usize = inputs.iter().map(|i| i.rows()).sum();
+        metrics.batch_rows.observe(batch_rows as f64);
+        metrics.batch_requests.observe(inputs.len() as f64);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.rows.fetch_add(batch_rows as u64, Ordering::Relaxed);
         stats.rows_hist[bucket(batch_rows)].fetch_add(1, Ordering::Relaxed);
         stats.jobs_hist[bucket(inputs.len())].fetch_add(1, Ordering::Relaxed);
         match out {
             Ok(Ok(outs)) if outs.len() == jobs.len() => {
+                let n_jobs = jobs.len() as u32;
                 for (j, o) in jobs.into_iter().zip(outs) {
-                    let _ = j.reply.send(Ok((o, started - j.queued)));
+                    let run = BatchRun {
+                        queued: j.queued,
+                        started,
+                        forward,
+                        rows: batch_rows as u32,
+                        jobs: n_jobs,
+                    };
+                    let _ = j.reply.send(Ok((o, run)));
                 }
             }
             Ok(Ok(outs)) => {
+                metrics.rank_batch_failures.inc();
                 let msg = format!(
                     "batch returned {} outputs for {} jobs",
                     outs.len(),
@@ -293,6 +341,7 @@ fn worker<I: Rows, O>(
                 }
             }
             Ok(Err(e)) => {
+                metrics.rank_batch_failures.inc();
                 let msg = e.to_string();
                 for j in jobs {
                     let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
@@ -300,6 +349,7 @@ fn worker<I: Rows, O>(
             }
             Err(panic) => {
                 stats.panics.fetch_add(1, Ordering::Relaxed);
+                metrics.rank_batch_failures.inc();
                 let what = panic
                     .downcast_ref::<&str>()
                     .map(|s| s.to_string())
@@ -379,11 +429,17 @@ mod tests {
         let handles: Vec<_> = (0..4u32)
             .map(|n| {
                 let b = b.clone();
-                std::thread::spawn(move || b.run(vec![n], &CallCtx::default()).unwrap().0)
+                std::thread::spawn(move || b.run(vec![n], &CallCtx::default()).unwrap())
             })
             .collect();
-        let outs: Vec<Vec<u32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let (outs, runs): (Vec<Vec<u32>>, Vec<BatchRun>) =
+            handles.into_iter().map(|h| h.join().unwrap()).unzip();
         assert_eq!(outs, vec![vec![0], vec![2], vec![4], vec![6]]);
+        // Each job learns the forward it shared: its batch-mates counted, one row each.
+        assert!(runs.iter().any(|r| r.jobs > 1), "{runs:?}");
+        assert!(runs
+            .iter()
+            .all(|r| r.rows == r.jobs && r.started >= r.queued));
         // Four jobs arrived well within 200 ms of the first: fewer forwards than jobs.
         assert!(b.stats.batches.load(Ordering::Relaxed) < 4);
         let multi: u64 = b.stats.jobs_hist[1..]

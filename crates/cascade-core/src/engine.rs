@@ -4,7 +4,6 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use cascade_data::Item;
@@ -15,19 +14,23 @@ use cascade_train::features::Tables;
 use cascade_train::pipeline::Artifact;
 use fastbloom::BloomFilter;
 
+use crate::batch::BatchRun;
 use crate::batch::{BatchConfig, Batcher, CallCtx, Rows};
 use crate::events::{Event, EventStore};
+use crate::metrics::EngineMetrics;
 use crate::{
-    check_context, check_user, invalid, EngineError, PredictRequest, PredictResponse, RankResponse,
-    ScoredItem, StageTimings, MAX_CANDIDATES, SEEN_FILTER_FP_RATE,
+    check_context, check_user, invalid, CacheUse, EngineError, PredictRequest, PredictResponse,
+    RankResponse, ScoredItem, Stage, StageClock, StageTimings, MAX_CANDIDATES, SEEN_FILTER_FP_RATE,
 };
 
 /// Serving knobs for one model version.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub batch: BatchConfig,
     /// Users whose computed state (the user tower's output) is kept, at most.
     pub user_cache: u64,
+    /// Where the pipeline counts (shared by every version this config loads).
+    pub metrics: EngineMetrics,
 }
 
 impl Default for EngineConfig {
@@ -35,6 +38,7 @@ impl Default for EngineConfig {
         Self {
             batch: BatchConfig::default(),
             user_cache: 100_000,
+            metrics: EngineMetrics::default(),
         }
     }
 }
@@ -89,6 +93,15 @@ pub struct Engine {
     /// key, so a stale vector is never served and no invalidation can race.
     users: moka::sync::Cache<(String, usize), Arc<UserState>>,
     events: Arc<EventStore>,
+    metrics: EngineMetrics,
+}
+
+/// What one retrieval did, for its stage record and the Bloom counters.
+#[derive(Debug, Default, Clone, Copy)]
+struct RetrievalCounts {
+    bloom_checked: u32,
+    bloom_rejected: u32,
+    popularity_fill: u32,
 }
 
 impl Engine {
@@ -112,10 +125,11 @@ impl Engine {
     ) -> Result<Self, EngineError> {
         let model = Arc::new(Model::load(dir, device)?);
         let worker_model = model.clone();
-        let ranker = Batcher::spawn(
+        let ranker = Batcher::spawn_with(
             "cascade-rank",
             cfg.batch,
             Arc::new(move |jobs: &[&RankRows]| worker_model.score_rows(jobs)),
+            cfg.metrics.clone(),
         )
         .map_err(|e| EngineError::Internal(format!("starting ranking threads: {e}")))?;
         Ok(Self {
@@ -123,6 +137,7 @@ impl Engine {
             ranker,
             users: moka::sync::Cache::new(cfg.user_cache),
             events,
+            metrics: cfg.metrics,
         })
     }
 
@@ -197,7 +212,7 @@ impl Engine {
         req: &PredictRequest,
         ctx: &CallCtx,
     ) -> Result<PredictResponse, EngineError> {
-        let t0 = Instant::now();
+        let mut clock = StageClock::start();
         req.validate()?;
         let m = &*self.model;
         let n_cand = m.candidates(req.num_candidates)?.max(req.num_results);
@@ -219,52 +234,57 @@ impl Engine {
                 Some(ids) => m.by_popularity(ids),
                 None => m.cold(&context, &exclude_seen, n_cand),
             };
-            let total = t0.elapsed();
+            clock.mark(Stage::cold_retrieval(items.len()));
+            let items: Vec<ScoredItem> = items
+                .into_iter()
+                .take(req.num_results)
+                .map(|(i, sc)| m.scored(i, sc))
+                .collect();
+            clock.mark(Stage::Merge {
+                results: items.len() as u32,
+            });
             return Ok(PredictResponse {
-                items: items
-                    .into_iter()
-                    .take(req.num_results)
-                    .map(|(i, sc)| m.scored(i, sc))
-                    .collect(),
+                items,
                 cold_start: true,
                 model_version: self.model_version().to_string(),
-                timings: StageTimings {
-                    retrieval_us: micros(total),
-                    total_us: micros(total),
-                    ..Default::default()
-                },
+                timings: StageTimings::from_spans(&clock.spans, clock.started.elapsed()),
                 user_cache_hit: false,
+                stages: clock.spans,
             });
         };
         ctx.check()?;
-        let (user, hit) = self.user_state(&req.user_id, u, &recorded, &context)?;
-        let t_user = t0.elapsed();
+        let (user, cache) = self.user_state(&req.user_id, u, &recorded, &context)?;
+        clock.mark(Stage::UserState { cache });
         let ids: Vec<u32> = match given {
             Some(ids) => ids,
-            None => m
-                .retrieve_for(u, &user.vector, n_cand, &exclude_seen)
-                .into_iter()
-                .map(|c| c.0)
-                .collect(),
+            None => {
+                let (cands, counts) = m.retrieve_for(u, &user.vector, n_cand, &exclude_seen);
+                self.count_retrieval(&counts);
+                clock.mark(Stage::Retrieval {
+                    candidates: cands.len() as u32,
+                    bloom_checked: counts.bloom_checked,
+                    bloom_rejected: counts.bloom_rejected,
+                    popularity_fill: counts.popularity_fill,
+                    cold_start: false,
+                });
+                cands.into_iter().map(|c| c.0).collect()
+            }
         };
-        let t_retr = t0.elapsed();
-        let (scores, queued) = self.rank_items(u, &user.vector, &ids, ctx)?;
+        let scores = self.rank_items(u, &user.vector, &ids, ctx, &mut clock)?;
         let mut items: Vec<(u32, Scores)> = ids.iter().copied().zip(scores).collect();
         sort_best_first(&mut items);
         items.truncate(req.num_results);
-        let t_rank = t0.elapsed();
+        let items: Vec<ScoredItem> = items.into_iter().map(|(i, sc)| m.scored(i, sc)).collect();
+        clock.mark(Stage::Merge {
+            results: items.len() as u32,
+        });
         Ok(PredictResponse {
-            items: items.into_iter().map(|(i, sc)| m.scored(i, sc)).collect(),
+            items,
             cold_start: false,
             model_version: self.model_version().to_string(),
-            timings: StageTimings {
-                user_state_us: micros(t_user),
-                retrieval_us: micros(t_retr - t_user),
-                ranking_us: micros(t_rank - t_retr),
-                rank_queue_us: micros(queued),
-                total_us: micros(t_rank),
-            },
-            user_cache_hit: hit,
+            timings: StageTimings::from_spans(&clock.spans, clock.started.elapsed()),
+            user_cache_hit: cache == CacheUse::Hit,
+            stages: clock.spans,
         })
     }
 
@@ -281,6 +301,7 @@ impl Engine {
         context_item_ids: &[String],
         ctx: &CallCtx,
     ) -> Result<RankResponse, EngineError> {
+        let mut clock = StageClock::start();
         check_user(user_id)?;
         check_context(context_item_ids)?;
         let m = &*self.model;
@@ -301,19 +322,28 @@ impl Engine {
             Some(&u) => {
                 let recorded = m.known_list(&self.events.items(user_id));
                 let context = m.known_list(context_item_ids);
-                let (user, _) = self.user_state(user_id, u, &recorded, &context)?;
-                (self.rank_items(u, &user.vector, &ids, ctx)?.0, false)
+                let (user, cache) = self.user_state(user_id, u, &recorded, &context)?;
+                clock.mark(Stage::UserState { cache });
+                (
+                    self.rank_items(u, &user.vector, &ids, ctx, &mut clock)?,
+                    false,
+                )
             }
             None => (ids.iter().map(|&i| m.popularity_scores(i)).collect(), true),
         };
+        let items: Vec<ScoredItem> = ids
+            .iter()
+            .zip(scores)
+            .map(|(&i, sc)| m.scored(i, sc))
+            .collect();
+        clock.mark(Stage::Merge {
+            results: items.len() as u32,
+        });
         Ok(RankResponse {
-            items: ids
-                .iter()
-                .zip(scores)
-                .map(|(&i, sc)| m.scored(i, sc))
-                .collect(),
+            items,
             cold_start,
             model_version: self.model_version().to_string(),
+            stages: clock.spans,
         })
     }
 
@@ -338,6 +368,7 @@ impl Engine {
         exclude_item_ids: &[String],
         context_item_ids: &[String],
     ) -> Result<RankResponse, EngineError> {
+        let mut clock = StageClock::start();
         check_user(user_id)?;
         check_context(context_item_ids)?;
         if min_candidates > MAX_CANDIDATES {
@@ -353,19 +384,24 @@ impl Engine {
         let mut exclude = m.known_items(exclude_item_ids);
         exclude.extend(recorded.iter().chain(&context).copied());
         let Some(&u) = m.user_index.get(user_id) else {
+            let items: Vec<ScoredItem> = m
+                .cold(&context, &exclude, n)
+                .into_iter()
+                .map(|(i, sc)| m.scored(i, sc))
+                .collect();
+            clock.mark(Stage::cold_retrieval(items.len()));
             return Ok(RankResponse {
-                items: m
-                    .cold(&context, &exclude, n)
-                    .into_iter()
-                    .map(|(i, sc)| m.scored(i, sc))
-                    .collect(),
+                items,
                 cold_start: true,
                 model_version: self.model_version().to_string(),
+                stages: clock.spans,
             });
         };
-        let (user, _) = self.user_state(user_id, u, &recorded, &context)?;
-        let items = m
-            .retrieve_for(u, &user.vector, n, &exclude)
+        let (user, cache) = self.user_state(user_id, u, &recorded, &context)?;
+        clock.mark(Stage::UserState { cache });
+        let (cands, counts) = m.retrieve_for(u, &user.vector, n, &exclude);
+        self.count_retrieval(&counts);
+        let items: Vec<ScoredItem> = cands
             .into_iter()
             .map(|(i, tt)| {
                 m.scored(
@@ -378,10 +414,18 @@ impl Engine {
                 )
             })
             .collect();
+        clock.mark(Stage::Retrieval {
+            candidates: items.len() as u32,
+            bloom_checked: counts.bloom_checked,
+            bloom_rejected: counts.bloom_rejected,
+            popularity_fill: counts.popularity_fill,
+            cold_start: false,
+        });
         Ok(RankResponse {
             items,
             cold_start: false,
             model_version: self.model_version().to_string(),
+            stages: clock.spans,
         })
     }
 
@@ -408,7 +452,11 @@ impl Engine {
                 ));
             }
         }
-        self.events.append(events)?;
+        if let Err(e) = self.events.append(events) {
+            self.metrics.event_log_errors.inc();
+            return Err(e);
+        }
+        self.metrics.events_recorded.inc_by(events.len() as u64);
         Ok(events.len())
     }
 
@@ -420,44 +468,70 @@ impl Engine {
         u: u32,
         recorded: &[u32],
         context: &[u32],
-    ) -> Result<(Arc<UserState>, bool), EngineError> {
+    ) -> Result<(Arc<UserState>, CacheUse), EngineError> {
+        let cache = &self.metrics.user_cache;
         if !context.is_empty() {
+            cache.with_label_values(&["bypass"]).inc();
             let mut recent = recorded.to_vec();
             recent.extend(context.iter().filter(|i| !recorded.contains(i)));
             let vector = self.model.user_vector(u, &recent)?;
-            return Ok((Arc::new(UserState { vector }), false));
+            return Ok((Arc::new(UserState { vector }), CacheUse::Bypass));
         }
         let key = (user_id.to_string(), recorded.len());
         if let Some(s) = self.users.get(&key) {
-            return Ok((s, true));
+            cache.with_label_values(&["hit"]).inc();
+            return Ok((s, CacheUse::Hit));
         }
+        cache.with_label_values(&["miss"]).inc();
         let state = Arc::new(UserState {
             vector: self.model.user_vector(u, recorded)?,
         });
         self.users.insert(key, state.clone());
-        Ok((state, false))
+        Ok((state, CacheUse::Miss))
     }
 
-    /// The ranker over `items` for user `u`, through the batching queue.
+    fn count_retrieval(&self, c: &RetrievalCounts) {
+        let m = &self.metrics;
+        m.bloom_checks.inc_by(u64::from(c.bloom_checked));
+        m.bloom_rejected.inc_by(u64::from(c.bloom_rejected));
+        m.popularity_fill.inc_by(u64::from(c.popularity_fill));
+    }
+
+    /// The ranker over `items` for user `u`, through the batching queue;
+    /// records feature assembly, queue wait and forward on `clock`.
     fn rank_items(
         &self,
         u: u32,
         user_vec: &[f32],
         items: &[u32],
         ctx: &CallCtx,
-    ) -> Result<(Vec<Scores>, Duration), EngineError> {
+        clock: &mut StageClock,
+    ) -> Result<Vec<Scores>, EngineError> {
         if items.is_empty() {
-            return Ok((Vec::new(), Duration::ZERO));
+            return Ok(Vec::new());
         }
         let tt: Vec<f32> = items.iter().map(|&i| self.model.tt(user_vec, i)).collect();
-        self.ranker.run(
-            RankRows {
-                user: u,
-                items: items.to_vec(),
-                tt,
+        let rows = RankRows {
+            user: u,
+            items: items.to_vec(),
+            tt,
+        };
+        clock.mark(Stage::FeatureAssembly {
+            rows: items.len() as u32,
+        });
+        let (scores, run): (Vec<Scores>, BatchRun) = self.ranker.run(rows, ctx)?;
+        clock.push(Stage::RankQueue, run.queued, run.queue_wait());
+        clock.push(
+            Stage::RankForward {
+                batch_rows: run.rows,
+                batch_requests: run.jobs,
             },
-            ctx,
-        )
+            run.started,
+            run.forward,
+        );
+        // The merge starts when this thread has the scores back.
+        clock.skip();
+        Ok(scores)
     }
 
     /// Items the user interacted with in training (for tests and tools).
@@ -471,10 +545,6 @@ impl Engine {
                 .collect(),
         )
     }
-}
-
-fn micros(d: Duration) -> u64 {
-    d.as_micros() as u64
 }
 
 /// Best first; equal scores keep their input order (retrieval order, or the
@@ -717,9 +787,19 @@ impl Model {
         user_vec: &[f32],
         n: usize,
         exclude: &HashSet<u32>,
-    ) -> Vec<(u32, f32)> {
+    ) -> (Vec<(u32, f32)>, RetrievalCounts) {
         let seen = &self.seen[u as usize];
-        let keep = |i: usize| !exclude.contains(&(i as u32)) && !seen.contains(&(i as u32));
+        let checked = std::cell::Cell::new(0u32);
+        let rejected = std::cell::Cell::new(0u32);
+        let keep = |i: usize| {
+            if exclude.contains(&(i as u32)) {
+                return false;
+            }
+            checked.set(checked.get() + 1);
+            let dup = seen.contains(&(i as u32));
+            rejected.set(rejected.get() + u32::from(dup));
+            !dup
+        };
         let mut cands: Vec<(u32, f32)> = self
             .artifact
             .index
@@ -727,6 +807,7 @@ impl Model {
             .iter()
             .map(|h| (h.item as u32, h.score))
             .collect();
+        let mut filled = 0;
         if cands.len() < n {
             let have: HashSet<u32> = cands.iter().map(|c| c.0).collect();
             let fill: Vec<(u32, f32)> = self
@@ -737,9 +818,15 @@ impl Model {
                 .take(n - cands.len())
                 .map(|i| (i, self.tt(user_vec, i)))
                 .collect();
+            filled = fill.len() as u32;
             cands.extend(fill);
         }
-        cands
+        let counts = RetrievalCounts {
+            bloom_checked: checked.get(),
+            bloom_rejected: rejected.get(),
+            popularity_fill: filled,
+        };
+        (cands, counts)
     }
 
     fn tt(&self, user_vec: &[f32], i: u32) -> f32 {

@@ -48,7 +48,7 @@ impl EngineHandle {
         events: Arc<EventStore>,
     ) -> Result<Self, EngineError> {
         let dir = resolve(root, None)?;
-        let engine = Engine::load_with(&dir, device, cfg, events)?;
+        let engine = Engine::load_with(&dir, device, cfg.clone(), events)?;
         engine.warm()?;
         Ok(Self::from_engine(engine, device, cfg))
     }
@@ -97,7 +97,7 @@ impl EngineHandle {
                 load_time: t0.elapsed(),
             });
         }
-        let new = Engine::load_with(&dir, &self.device, self.cfg, self.events.clone())?;
+        let new = Engine::load_with(&dir, &self.device, self.cfg.clone(), self.events.clone())?;
         new.warm()?;
         let model_version = new.model_version().to_string();
         self.current.store(Arc::new(new));

@@ -11,11 +11,13 @@ pub mod batch;
 mod engine;
 pub mod events;
 mod handle;
+pub mod metrics;
 
-pub use batch::{BatchConfig, CallCtx};
+pub use batch::{BatchConfig, BatchRun, CallCtx};
 pub use engine::{Engine, EngineConfig};
 pub use events::{Event, EventStore};
 pub use handle::{EngineHandle, Reloaded};
+pub use metrics::EngineMetrics;
 
 /// False-positive rate the per-user seen-set filters are sized for: about one
 /// in a hundred unseen items is wrongly skipped, never a seen one shown.
@@ -26,6 +28,8 @@ pub const MAX_RESULTS: usize = 1000;
 pub const MAX_CANDIDATES: usize = 10_000;
 /// Upper bound on context item IDs.
 pub const MAX_CONTEXT: usize = 100;
+
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -150,7 +154,149 @@ pub struct ScoredItem {
     pub predicted_rating: f32,
 }
 
-/// Microseconds spent per stage.
+/// Whether a request's user state came from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheUse {
+    Hit,
+    Miss,
+    /// Request context makes the state request-specific: computed, not cached.
+    Bypass,
+}
+
+impl CacheUse {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheUse::Hit => "hit",
+            CacheUse::Miss => "miss",
+            CacheUse::Bypass => "bypass",
+        }
+    }
+}
+
+/// A pipeline step and what it did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stage {
+    /// The user tower's output for the user (cached or computed).
+    UserState { cache: CacheUse },
+    /// Candidate generation: the HNSW walk with the seen-set Bloom filter and
+    /// exclusions as its predicate, then popularity filling any shortfall
+    /// (for unknown users, popularity or the context's neighbours).
+    Retrieval {
+        candidates: u32,
+        bloom_checked: u32,
+        bloom_rejected: u32,
+        popularity_fill: u32,
+        cold_start: bool,
+    },
+    /// Two-tower scores and ranker rows for the candidates.
+    FeatureAssembly { rows: u32 },
+    /// Waiting in the dynamic batching queue.
+    RankQueue,
+    /// The ranker forward this request's rows ran in (shared with its batch-mates).
+    RankForward {
+        batch_rows: u32,
+        batch_requests: u32,
+    },
+    /// Ordering, exclusions and the top-k cut.
+    Merge { results: u32 },
+}
+
+impl Stage {
+    /// Retrieval for an unknown user: popularity or the context's neighbours.
+    pub fn cold_retrieval(candidates: usize) -> Self {
+        Stage::Retrieval {
+            candidates: candidates as u32,
+            bloom_checked: 0,
+            bloom_rejected: 0,
+            popularity_fill: 0,
+            cold_start: true,
+        }
+    }
+
+    /// The `stage` label and span name suffix.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stage::UserState { .. } => "user_state",
+            Stage::Retrieval { .. } => "retrieval",
+            Stage::FeatureAssembly { .. } => "feature_assembly",
+            Stage::RankQueue => "rank_queue",
+            Stage::RankForward { .. } => "rank_forward",
+            Stage::Merge { .. } => "merge",
+        }
+    }
+
+    /// Every stage name, for dashboards and tests.
+    pub const NAMES: [&'static str; 6] = [
+        "user_state",
+        "retrieval",
+        "feature_assembly",
+        "rank_queue",
+        "rank_forward",
+        "merge",
+    ];
+}
+
+/// One measured step of one request. The response's stage timings, the
+/// trace's stage spans and the stage-duration histograms are all built from
+/// these records, so the three always agree.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StageSpan {
+    pub stage: Stage,
+    pub start: Instant,
+    pub duration: Duration,
+}
+
+impl StageSpan {
+    pub fn end(&self) -> Instant {
+        self.start + self.duration
+    }
+}
+
+/// Appends stages that follow each other: each starts where the last ended.
+#[derive(Debug)]
+pub(crate) struct StageClock {
+    pub(crate) started: Instant,
+    last: Instant,
+    pub(crate) spans: Vec<StageSpan>,
+}
+
+impl StageClock {
+    pub(crate) fn start() -> Self {
+        let now = Instant::now();
+        Self {
+            started: now,
+            last: now,
+            spans: Vec::with_capacity(6),
+        }
+    }
+
+    /// Close `stage` now: it ran from the previous mark until now.
+    pub(crate) fn mark(&mut self, stage: Stage) {
+        let now = Instant::now();
+        self.spans.push(StageSpan {
+            stage,
+            start: self.last,
+            duration: now.saturating_duration_since(self.last),
+        });
+        self.last = now;
+    }
+
+    /// Restart the clock (time before this is not part of the next stage).
+    pub(crate) fn skip(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// A stage measured elsewhere (the batch worker's queue and forward).
+    pub(crate) fn push(&mut self, stage: Stage, start: Instant, duration: Duration) {
+        self.spans.push(StageSpan {
+            stage,
+            start,
+            duration,
+        });
+    }
+}
+
+/// Microseconds spent per stage (derived from the request's [`StageSpan`]s).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StageTimings {
     pub user_state_us: u64,
@@ -159,6 +305,47 @@ pub struct StageTimings {
     pub ranking_us: u64,
     pub rank_queue_us: u64,
     pub total_us: u64,
+}
+
+impl StageTimings {
+    /// The per-stage sums of `spans`; ranking runs from the first ranking
+    /// stage's start to the last one's end (hand-offs between threads included).
+    pub fn from_spans(spans: &[StageSpan], total: Duration) -> Self {
+        let us = |d: Duration| d.as_micros() as u64;
+        let sum = |f: fn(&Stage) -> bool| -> Duration {
+            spans
+                .iter()
+                .filter(|s| f(&s.stage))
+                .map(|s| s.duration)
+                .sum()
+        };
+        let ranking: Vec<&StageSpan> = spans
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.stage,
+                    Stage::FeatureAssembly { .. }
+                        | Stage::RankQueue
+                        | Stage::RankForward { .. }
+                        | Stage::Merge { .. }
+                )
+            })
+            .collect();
+        let ranking_us = match (
+            ranking.iter().map(|s| s.start).min(),
+            ranking.iter().map(|s| s.end()).max(),
+        ) {
+            (Some(a), Some(b)) => us(b.saturating_duration_since(a)),
+            _ => 0,
+        };
+        Self {
+            user_state_us: us(sum(|s| matches!(s, Stage::UserState { .. }))),
+            retrieval_us: us(sum(|s| matches!(s, Stage::Retrieval { .. }))),
+            ranking_us,
+            rank_queue_us: us(sum(|s| matches!(s, Stage::RankQueue))),
+            total_us: us(total),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +357,8 @@ pub struct PredictResponse {
     pub timings: StageTimings,
     /// Whether the user's state came from the cache.
     pub user_cache_hit: bool,
+    /// Every stage as measured, in order.
+    pub stages: Vec<StageSpan>,
 }
 
 /// Items scored for one user, without per-stage timings (Rank, Retrieve).
@@ -178,4 +367,6 @@ pub struct RankResponse {
     pub items: Vec<ScoredItem>,
     pub cold_start: bool,
     pub model_version: String,
+    /// Every stage as measured, in order.
+    pub stages: Vec<StageSpan>,
 }

@@ -14,6 +14,12 @@ use cascade_train::train::TrainConfig;
 const CLUSTERS: usize = 4;
 
 fn engine() -> (tempfile::TempDir, Engine) {
+    let (root, dir) = artifact();
+    let engine = Engine::load(&dir, &Device::Cpu).unwrap();
+    (root, engine)
+}
+
+fn artifact() -> (tempfile::TempDir, std::path::PathBuf) {
     let ds = planted(120, 160, CLUSTERS, 25, 9);
     let text: Vec<Vec<f32>> = (0..ds.items.len())
         .map(|i| {
@@ -41,8 +47,7 @@ fn engine() -> (tempfile::TempDir, Engine) {
     };
     let (_, dir, _) =
         pipeline::train_artifact(root.path(), &ds, &text, &cfg, &opts, &Device::Cpu).unwrap();
-    let engine = Engine::load(&dir, &Device::Cpu).unwrap();
-    (root, engine)
+    (root, dir)
 }
 
 /// One "view" event of `item` by `user`.
@@ -456,4 +461,95 @@ fn a_synthetic_catalogue_serves_like_a_trained_one() {
         .windows(2)
         .all(|w| w[0].score >= w[1].score - 1e-6));
     assert!(e.predict(&req("stranger", 5)).unwrap().cold_start);
+}
+
+/// Every Predict stage is recorded once, in pipeline order, back to back
+/// where they run on one thread; the response's timings are derived from
+/// them; the registered counters move with what the requests did.
+#[test]
+fn stages_and_counters_follow_the_requests() {
+    use cascade_core::{CacheUse, EngineConfig, EngineMetrics, Stage, StageTimings};
+    let (_root, dir) = artifact();
+    let registry = prometheus::Registry::new();
+    let cfg = EngineConfig {
+        metrics: EngineMetrics::register(&registry).unwrap(),
+        ..Default::default()
+    };
+    let events = std::sync::Arc::new(cascade_core::EventStore::in_memory());
+    let e = Engine::load_with(&dir, &Device::Cpu, cfg.clone(), events).unwrap();
+    let r = e.predict(&req("u3", 5)).unwrap();
+    let names: Vec<&str> = r.stages.iter().map(|s| s.stage.name()).collect();
+    assert_eq!(
+        names,
+        [
+            "user_state",
+            "retrieval",
+            "feature_assembly",
+            "rank_queue",
+            "rank_forward",
+            "merge"
+        ]
+    );
+    assert_eq!(
+        r.stages[0].stage,
+        Stage::UserState {
+            cache: CacheUse::Miss
+        }
+    );
+    // Same-thread stages are contiguous; the queue starts where features end.
+    assert_eq!(r.stages[0].end(), r.stages[1].start);
+    assert_eq!(r.stages[1].end(), r.stages[2].start);
+    assert!(r.stages[3].start >= r.stages[2].end());
+    assert!(r.stages[4].start >= r.stages[3].end());
+    assert!(r.stages[5].start >= r.stages[4].end());
+    let Stage::Retrieval {
+        candidates,
+        bloom_checked,
+        bloom_rejected,
+        ..
+    } = r.stages[1].stage
+    else {
+        panic!("{:?}", r.stages[1]);
+    };
+    assert_eq!(candidates, 40);
+    // u3 has training interactions: the walk met some and the filter dropped them.
+    assert!(bloom_checked > candidates && bloom_rejected > 0, "{r:?}");
+    let Stage::RankForward {
+        batch_rows,
+        batch_requests,
+    } = r.stages[4].stage
+    else {
+        panic!("{:?}", r.stages[4]);
+    };
+    assert_eq!((batch_rows, batch_requests), (40, 1));
+    let total = std::time::Duration::from_micros(r.timings.total_us);
+    assert_eq!(
+        StageTimings::from_spans(&r.stages, total),
+        r.timings,
+        "timings must be the spans' sums"
+    );
+    assert!(r.timings.ranking_us >= r.timings.rank_queue_us);
+
+    assert!(e.predict(&req("u3", 5)).unwrap().user_cache_hit);
+    let cold = e.predict(&req("nobody", 5)).unwrap();
+    let cold_names: Vec<&str> = cold.stages.iter().map(|s| s.stage.name()).collect();
+    assert_eq!(cold_names, ["retrieval", "merge"]);
+    e.record_events(&[viewed("u3", &r.items[0].item_id)])
+        .unwrap();
+
+    let m = &cfg.metrics;
+    assert_eq!(m.user_cache.with_label_values(&["miss"]).get(), 1);
+    assert_eq!(m.user_cache.with_label_values(&["hit"]).get(), 1);
+    assert_eq!(
+        m.bloom_rejected.get(),
+        2 * u64::from(bloom_rejected),
+        "two identical retrievals"
+    );
+    assert_eq!(m.batch_rows.get_sample_count(), 2);
+    assert_eq!(m.batch_rows.get_sample_sum(), 80.0);
+    assert_eq!(m.events_recorded.get(), 1);
+    let families = registry.gather();
+    assert!(families
+        .iter()
+        .any(|f| f.name() == "cascade_bloom_rejected_total"));
 }

@@ -8,11 +8,14 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use cascade_core::{Stage, StageSpan};
+use opentelemetry::Context;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::pb::cascade_client::CascadeClient;
 use crate::pb::{self};
+use crate::telemetry::Telemetry;
 use crate::{
     core_predict, deadline_exceeded, to_status, ServerError, MAX_MESSAGE_BYTES, MIN_BUDGET,
 };
@@ -21,6 +24,7 @@ use crate::{
 pub struct Gateway {
     retrieval: CascadeClient<Channel>,
     ranker: CascadeClient<Channel>,
+    tel: Telemetry,
 }
 
 fn client(url: &str) -> Result<CascadeClient<Channel>, ServerError> {
@@ -76,20 +80,74 @@ fn micros(d: Duration) -> u64 {
     d.as_micros() as u64
 }
 
+/// One downstream call: what is left of the deadline as its timeout, a
+/// CLIENT span whose context travels as `traceparent`, the client series.
+/// Returns the answer and how long the call took.
+async fn call<T, R, Fut>(
+    tel: &Telemetry,
+    rpc: &'static str,
+    cx: &Context,
+    expires: Option<Instant>,
+    msg: T,
+    send: impl FnOnce(Request<T>) -> Fut,
+) -> Result<(R, Duration), Status>
+where
+    Fut: Future<Output = Result<Response<R>, Status>>,
+{
+    let mut req = downstream(msg, expires)?;
+    let c = tel.client(rpc, cx);
+    c.inject(req.metadata_mut());
+    let out = within(expires, send(req)).await;
+    let took = c.finish(&out);
+    out.map(|r| (r, took))
+}
+
 impl Gateway {
     /// Clients for the retrieval and ranker servers (`http://host:port`).
     pub fn new(retrieval_url: &str, ranker_url: &str) -> Result<Self, ServerError> {
         Ok(Self {
             retrieval: client(retrieval_url)?,
             ranker: client(ranker_url)?,
+            tel: Telemetry::default(),
         })
+    }
+
+    pub(crate) fn set_telemetry(&mut self, tel: Telemetry) {
+        self.tel = tel;
+    }
+
+    async fn retrieve_call(
+        &self,
+        cx: &Context,
+        expires: Option<Instant>,
+        r: pb::RetrieveRequest,
+    ) -> Result<(pb::ScoredItems, Duration), Status> {
+        let mut c = self.retrieval.clone();
+        call(&self.tel, "Retrieve", cx, expires, r, |q| async move {
+            c.retrieve(q).await
+        })
+        .await
+    }
+
+    async fn rank_call(
+        &self,
+        cx: &Context,
+        expires: Option<Instant>,
+        r: pb::RankRequest,
+    ) -> Result<(pb::ScoredItems, Duration), Status> {
+        let mut c = self.ranker.clone();
+        call(&self.tel, "Rank", cx, expires, r, |q| async move {
+            c.rank(q).await
+        })
+        .await
     }
 
     pub async fn predict(
         &self,
         r: pb::PredictRequest,
         deadline: Option<Duration>,
-    ) -> Result<pb::PredictResponse, Status> {
+        cx: &Context,
+    ) -> Result<(pb::PredictResponse, Vec<StageSpan>), Status> {
         let t0 = Instant::now();
         if deadline.is_some_and(|d| d < MIN_BUDGET) {
             return Err(deadline_exceeded());
@@ -107,10 +165,10 @@ impl Gateway {
             context: r.context.clone(),
         };
         let (mut items, cold_start, model_version, ranked) = if r.candidate_item_ids.is_empty() {
-            let t = Instant::now();
-            let got = within(
-                expires,
-                self.retrieval.clone().retrieve(downstream(
+            let (got, took) = self
+                .retrieve_call(
+                    cx,
+                    expires,
                     pb::RetrieveRequest {
                         user_id: r.user_id.clone(),
                         num_candidates: r.num_candidates,
@@ -118,23 +176,16 @@ impl Gateway {
                         context: r.context.clone(),
                         min_candidates: r.num_results,
                     },
-                    expires,
-                )?),
-            )
-            .await?;
-            retrieval_us = micros(t.elapsed());
+                )
+                .await?;
+            retrieval_us = micros(took);
             if got.cold_start || got.items.is_empty() {
                 // Popularity or context answered: already in final order.
                 (got.items, got.cold_start, got.model_version, false)
             } else {
                 let ids = got.items.into_iter().map(|it| it.item_id).collect();
-                let t = Instant::now();
-                let out = within(
-                    expires,
-                    self.ranker.clone().rank(downstream(rank(ids), expires)?),
-                )
-                .await?;
-                ranking_us = micros(t.elapsed());
+                let (out, took) = self.rank_call(cx, expires, rank(ids)).await?;
+                ranking_us = micros(took);
                 (out.items, out.cold_start, out.model_version, true)
             }
         } else {
@@ -147,14 +198,11 @@ impl Gateway {
                 .filter(|id| seen.insert(id.as_str()))
                 .cloned()
                 .collect();
-            let t = Instant::now();
-            let out = within(
-                expires,
-                self.ranker.clone().rank(downstream(rank(ids), expires)?),
-            )
-            .await
-            .map_err(as_candidates)?;
-            ranking_us = micros(t.elapsed());
+            let (out, took) = self
+                .rank_call(cx, expires, rank(ids))
+                .await
+                .map_err(as_candidates)?;
+            ranking_us = micros(took);
             let items = out
                 .items
                 .into_iter()
@@ -162,45 +210,54 @@ impl Gateway {
                 .collect();
             (items, out.cold_start, out.model_version, true)
         };
+        let merge_start = Instant::now();
         if ranked {
             // Best first; equal scores keep candidate order (as in process).
             items.sort_by(|a, b| b.score.total_cmp(&a.score));
         }
         items.truncate(k);
-        Ok(pb::PredictResponse {
-            items,
-            model_version,
-            cold_start,
-            timings: Some(pb::StageTimings {
-                user_state_us: 0,
-                retrieval_us,
-                ranking_us,
-                total_us: micros(t0.elapsed()),
-                rank_queue_us: 0,
-            }),
-        })
+        let merge = StageSpan {
+            stage: Stage::Merge {
+                results: items.len() as u32,
+            },
+            start: merge_start,
+            duration: merge_start.elapsed(),
+        };
+        Ok((
+            pb::PredictResponse {
+                items,
+                model_version,
+                cold_start,
+                timings: Some(pb::StageTimings {
+                    user_state_us: 0,
+                    retrieval_us,
+                    ranking_us: ranking_us + micros(merge.duration),
+                    total_us: micros(t0.elapsed()),
+                    rank_queue_us: 0,
+                }),
+            },
+            vec![merge],
+        ))
     }
 
     pub async fn rank(
         &self,
         r: pb::RankRequest,
         deadline: Option<Duration>,
+        cx: &Context,
     ) -> Result<pb::ScoredItems, Status> {
         let expires = deadline.map(|d| Instant::now() + d);
-        within(expires, self.ranker.clone().rank(downstream(r, expires)?)).await
+        Ok(self.rank_call(cx, expires, r).await?.0)
     }
 
     pub async fn retrieve(
         &self,
         r: pb::RetrieveRequest,
         deadline: Option<Duration>,
+        cx: &Context,
     ) -> Result<pb::ScoredItems, Status> {
         let expires = deadline.map(|d| Instant::now() + d);
-        within(
-            expires,
-            self.retrieval.clone().retrieve(downstream(r, expires)?),
-        )
-        .await
+        Ok(self.retrieve_call(cx, expires, r).await?.0)
     }
 
     /// Both stages keep user state, so both record. Each side validates the
@@ -211,45 +268,71 @@ impl Gateway {
         &self,
         r: pb::RecordEventsRequest,
         deadline: Option<Duration>,
+        cx: &Context,
     ) -> Result<pb::RecordEventsResponse, Status> {
         let expires = deadline.map(|d| Instant::now() + d);
         let mut retrieval = self.retrieval.clone();
         let mut ranker = self.ranker.clone();
         let (a, b) = tokio::join!(
-            within(
+            call(
+                &self.tel,
+                "RecordEvents",
+                cx,
                 expires,
-                retrieval.record_events(downstream(r.clone(), expires)?)
+                r.clone(),
+                |q| async move { retrieval.record_events(q).await }
             ),
-            within(expires, ranker.record_events(downstream(r, expires)?)),
+            call(&self.tel, "RecordEvents", cx, expires, r, |q| async move {
+                ranker.record_events(q).await
+            }),
         );
-        let a = a?;
+        let a = a?.0;
         b?;
         Ok(a)
     }
 
-    pub async fn model_info(&self, deadline: Option<Duration>) -> Result<pb::ModelInfo, Status> {
+    pub async fn model_info(
+        &self,
+        deadline: Option<Duration>,
+        cx: &Context,
+    ) -> Result<pb::ModelInfo, Status> {
         let expires = deadline.map(|d| Instant::now() + d);
-        within(
+        let mut c = self.ranker.clone();
+        let msg = pb::GetModelInfoRequest {};
+        let (info, _) = call(
+            &self.tel,
+            "GetModelInfo",
+            cx,
             expires,
-            self.ranker
-                .clone()
-                .get_model_info(downstream(pb::GetModelInfoRequest {}, expires)?),
+            msg,
+            |q| async move { c.get_model_info(q).await },
         )
-        .await
+        .await?;
+        Ok(info)
     }
 
     /// Reload both stages; the ranker's answer is returned.
     pub async fn reload(
         &self,
         r: pb::ReloadModelRequest,
+        cx: &Context,
     ) -> Result<pb::ReloadModelResponse, Status> {
         let mut retrieval = self.retrieval.clone();
         let mut ranker = self.ranker.clone();
         let (a, b) = tokio::join!(
-            retrieval.reload_model(Request::new(r.clone())),
-            ranker.reload_model(Request::new(r)),
+            call(
+                &self.tel,
+                "ReloadModel",
+                cx,
+                None,
+                r.clone(),
+                |q| async move { retrieval.reload_model(q).await }
+            ),
+            call(&self.tel, "ReloadModel", cx, None, r, |q| async move {
+                ranker.reload_model(q).await
+            }),
         );
         a?;
-        Ok(b?.into_inner())
+        Ok(b?.0)
     }
 }

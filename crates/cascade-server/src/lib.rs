@@ -12,13 +12,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cascade_core::{CallCtx, Engine, EngineError, EngineHandle};
+use cascade_core::{CallCtx, Engine, EngineError, EngineHandle, StageSpan};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 mod gateway;
+pub mod telemetry;
 pub use gateway::Gateway;
+pub use telemetry::{ServerMetrics, Telemetry, TraceConfig};
 
 impl From<Gateway> for Backend {
     fn from(g: Gateway) -> Self {
@@ -125,11 +127,25 @@ pub struct CascadeService {
     /// rather than as runnable threads: dozens of threads retrieving at once
     /// on a few cores starve the ranking threads and every request slows.
     workers: Arc<Semaphore>,
+    tel: Telemetry,
 }
 
 impl CascadeService {
     pub fn new(backend: Backend, role: Role, device: String, max_in_flight: usize) -> Self {
         Self::with_workers(backend, role, device, max_in_flight, default_workers())
+    }
+
+    /// Observe every RPC with `tel` (and the gateway's downstream calls).
+    pub fn with_telemetry(mut self, tel: Telemetry) -> Self {
+        let tel = tel.with_role(self.role.as_str(), &self.device);
+        if let Some(m) = &tel.metrics {
+            m.in_flight_limit.set(self.max_in_flight as i64);
+        }
+        if let Backend::Gateway(g) = &mut self.backend {
+            g.set_telemetry(tel.clone());
+        }
+        self.tel = tel;
+        self
     }
 
     pub fn with_workers(
@@ -146,6 +162,7 @@ impl CascadeService {
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
             workers: Arc::new(Semaphore::new(workers.max(1))),
+            tel: Telemetry::default(),
         }
     }
 
@@ -293,49 +310,55 @@ pub(crate) fn deadline_exceeded() -> Status {
     Status::deadline_exceeded("deadline expired; the request was abandoned")
 }
 
-#[tonic::async_trait]
-impl Cascade for CascadeService {
-    async fn predict(
+fn timings_pb(t: cascade_core::StageTimings) -> pb::StageTimings {
+    pb::StageTimings {
+        user_state_us: t.user_state_us,
+        retrieval_us: t.retrieval_us,
+        ranking_us: t.ranking_us,
+        total_us: t.total_us,
+        rank_queue_us: t.rank_queue_us,
+    }
+}
+
+type Staged<T> = Result<(T, Vec<StageSpan>), Status>;
+
+impl CascadeService {
+    async fn predict_inner(
         &self,
         req: Request<pb::PredictRequest>,
-    ) -> Result<Response<pb::PredictResponse>, Status> {
+        cx: &opentelemetry::Context,
+    ) -> Staged<pb::PredictResponse> {
         self.serves("Predict", &[Role::Gateway])?;
         let deadline = grpc_timeout(req.metadata());
         if let Backend::Gateway(g) = &self.backend {
             let _permit = self.permit()?;
-            return g
-                .predict(req.into_inner(), deadline)
-                .await
-                .map(Response::new);
+            return g.predict(req.into_inner(), deadline, cx).await;
         }
         let core_req = core_predict(req.into_inner());
         let resp = self
             .blocking(deadline, move |e, ctx| e.predict_with(&core_req, ctx))
             .await?;
-        let t = resp.timings;
-        Ok(Response::new(pb::PredictResponse {
-            items: resp.items.into_iter().map(to_pb).collect(),
-            model_version: resp.model_version,
-            cold_start: resp.cold_start,
-            timings: Some(pb::StageTimings {
-                user_state_us: t.user_state_us,
-                retrieval_us: t.retrieval_us,
-                ranking_us: t.ranking_us,
-                total_us: t.total_us,
-                rank_queue_us: t.rank_queue_us,
-            }),
-        }))
+        Ok((
+            pb::PredictResponse {
+                items: resp.items.into_iter().map(to_pb).collect(),
+                model_version: resp.model_version,
+                cold_start: resp.cold_start,
+                timings: Some(timings_pb(resp.timings)),
+            },
+            resp.stages,
+        ))
     }
 
-    async fn rank(
+    async fn rank_inner(
         &self,
         req: Request<pb::RankRequest>,
-    ) -> Result<Response<pb::ScoredItems>, Status> {
+        cx: &opentelemetry::Context,
+    ) -> Staged<pb::ScoredItems> {
         self.serves("Rank", &[Role::Ranker, Role::Gateway])?;
         let deadline = grpc_timeout(req.metadata());
         if let Backend::Gateway(g) = &self.backend {
             let _permit = self.permit()?;
-            return g.rank(req.into_inner(), deadline).await.map(Response::new);
+            return Ok((g.rank(req.into_inner(), deadline, cx).await?, Vec::new()));
         }
         let r = req.into_inner();
         let context = context_ids(r.context);
@@ -344,21 +367,23 @@ impl Cascade for CascadeService {
                 e.rank_with(&r.user_id, &r.item_ids, &context, ctx)
             })
             .await?;
-        Ok(Response::new(items_to_pb(resp)))
+        let stages = resp.stages.clone();
+        Ok((items_to_pb(resp), stages))
     }
 
-    async fn retrieve(
+    async fn retrieve_inner(
         &self,
         req: Request<pb::RetrieveRequest>,
-    ) -> Result<Response<pb::ScoredItems>, Status> {
+        cx: &opentelemetry::Context,
+    ) -> Staged<pb::ScoredItems> {
         self.serves("Retrieve", &[Role::Retrieval, Role::Gateway])?;
         let deadline = grpc_timeout(req.metadata());
         if let Backend::Gateway(g) = &self.backend {
             let _permit = self.permit()?;
-            return g
-                .retrieve(req.into_inner(), deadline)
-                .await
-                .map(Response::new);
+            return Ok((
+                g.retrieve(req.into_inner(), deadline, cx).await?,
+                Vec::new(),
+            ));
         }
         let r = req.into_inner();
         let context = context_ids(r.context);
@@ -373,20 +398,22 @@ impl Cascade for CascadeService {
                 )
             })
             .await?;
-        Ok(Response::new(items_to_pb(resp)))
+        let stages = resp.stages.clone();
+        Ok((items_to_pb(resp), stages))
     }
 
-    async fn record_events(
+    async fn record_events_inner(
         &self,
         req: Request<pb::RecordEventsRequest>,
-    ) -> Result<Response<pb::RecordEventsResponse>, Status> {
+        cx: &opentelemetry::Context,
+    ) -> Staged<pb::RecordEventsResponse> {
         let deadline = grpc_timeout(req.metadata());
         if let Backend::Gateway(g) = &self.backend {
             let _permit = self.permit()?;
-            return g
-                .record_events(req.into_inner(), deadline)
-                .await
-                .map(Response::new);
+            return Ok((
+                g.record_events(req.into_inner(), deadline, cx).await?,
+                Vec::new(),
+            ));
         }
         let events: Vec<cascade_core::Event> = req
             .into_inner()
@@ -403,40 +430,48 @@ impl Cascade for CascadeService {
         let accepted = self
             .blocking(deadline, move |e, _| e.record_events(&events))
             .await?;
-        Ok(Response::new(pb::RecordEventsResponse {
-            accepted: accepted as u32,
-        }))
+        Ok((
+            pb::RecordEventsResponse {
+                accepted: accepted as u32,
+            },
+            Vec::new(),
+        ))
     }
 
-    async fn get_model_info(
+    async fn get_model_info_inner(
         &self,
         req: Request<pb::GetModelInfoRequest>,
-    ) -> Result<Response<pb::ModelInfo>, Status> {
+        cx: &opentelemetry::Context,
+    ) -> Staged<pb::ModelInfo> {
         if let Backend::Gateway(g) = &self.backend {
             let deadline = grpc_timeout(req.metadata());
-            let mut info = g.model_info(deadline).await?;
+            let mut info = g.model_info(deadline, cx).await?;
             info.role = self.role.as_str().into();
-            return Ok(Response::new(info));
+            return Ok((info, Vec::new()));
         }
         let engine = self.local()?.current();
         let (users, items, dim) = engine.shape();
-        Ok(Response::new(pb::ModelInfo {
-            model_version: engine.model_version().to_string(),
-            num_users: users as u32,
-            num_items: items as u32,
-            embedding_dim: dim as u32,
-            device: self.device.clone(),
-            artifact_dir: engine.dir().display().to_string(),
-            role: self.role.as_str().into(),
-        }))
+        Ok((
+            pb::ModelInfo {
+                model_version: engine.model_version().to_string(),
+                num_users: users as u32,
+                num_items: items as u32,
+                embedding_dim: dim as u32,
+                device: self.device.clone(),
+                artifact_dir: engine.dir().display().to_string(),
+                role: self.role.as_str().into(),
+            },
+            Vec::new(),
+        ))
     }
 
-    async fn reload_model(
+    async fn reload_model_inner(
         &self,
         req: Request<pb::ReloadModelRequest>,
-    ) -> Result<Response<pb::ReloadModelResponse>, Status> {
+        cx: &opentelemetry::Context,
+    ) -> Staged<pb::ReloadModelResponse> {
         if let Backend::Gateway(g) = &self.backend {
-            return g.reload(req.into_inner()).await.map(Response::new);
+            return Ok((g.reload(req.into_inner(), cx).await?, Vec::new()));
         }
         let handle = self.local()?.clone();
         let version = req.into_inner().version;
@@ -446,14 +481,84 @@ impl Cascade for CascadeService {
             handle.reload(Some(version.as_str()).filter(|v| !v.is_empty()))
         })
         .await
-        .map_err(|e| Status::internal(format!("reload failed: {e}")))?
-        .map_err(to_status)?;
-        Ok(Response::new(pb::ReloadModelResponse {
-            model_version: r.model_version,
-            previous_version: r.previous_version,
-            swapped: r.swapped,
-            load_ms: r.load_time.as_millis() as u64,
-        }))
+        .map_err(|e| Status::internal(format!("reload failed: {e}")));
+        let r = r.and_then(|r| r.map_err(to_status));
+        if let Some(m) = &self.tel.metrics {
+            let result = match &r {
+                Ok(r) if r.swapped => "swapped",
+                Ok(_) => "unchanged",
+                Err(_) => "failed",
+            };
+            m.reloads.with_label_values(&[result]).inc();
+        }
+        let r = r?;
+        Ok((
+            pb::ReloadModelResponse {
+                model_version: r.model_version,
+                previous_version: r.previous_version,
+                swapped: r.swapped,
+                load_ms: r.load_time.as_millis() as u64,
+            },
+            Vec::new(),
+        ))
+    }
+}
+
+/// Each RPC: observe (span, series), run, record the outcome and stages.
+#[tonic::async_trait]
+impl Cascade for CascadeService {
+    async fn predict(
+        &self,
+        req: Request<pb::PredictRequest>,
+    ) -> Result<Response<pb::PredictResponse>, Status> {
+        let scope = self.tel.begin("Predict", req.metadata());
+        let out = self.predict_inner(req, &scope.cx).await;
+        scope.finish(out)
+    }
+
+    async fn rank(
+        &self,
+        req: Request<pb::RankRequest>,
+    ) -> Result<Response<pb::ScoredItems>, Status> {
+        let scope = self.tel.begin("Rank", req.metadata());
+        let out = self.rank_inner(req, &scope.cx).await;
+        scope.finish(out)
+    }
+
+    async fn retrieve(
+        &self,
+        req: Request<pb::RetrieveRequest>,
+    ) -> Result<Response<pb::ScoredItems>, Status> {
+        let scope = self.tel.begin("Retrieve", req.metadata());
+        let out = self.retrieve_inner(req, &scope.cx).await;
+        scope.finish(out)
+    }
+
+    async fn record_events(
+        &self,
+        req: Request<pb::RecordEventsRequest>,
+    ) -> Result<Response<pb::RecordEventsResponse>, Status> {
+        let scope = self.tel.begin("RecordEvents", req.metadata());
+        let out = self.record_events_inner(req, &scope.cx).await;
+        scope.finish(out)
+    }
+
+    async fn get_model_info(
+        &self,
+        req: Request<pb::GetModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let scope = self.tel.begin("GetModelInfo", req.metadata());
+        let out = self.get_model_info_inner(req, &scope.cx).await;
+        scope.finish(out)
+    }
+
+    async fn reload_model(
+        &self,
+        req: Request<pb::ReloadModelRequest>,
+    ) -> Result<Response<pb::ReloadModelResponse>, Status> {
+        let scope = self.tel.begin("ReloadModel", req.metadata());
+        let out = self.reload_model_inner(req, &scope.cx).await;
+        scope.finish(out)
     }
 }
 
@@ -465,6 +570,8 @@ pub struct ServeOptions {
     pub max_in_flight: usize,
     /// Requests doing model work on blocking threads at once (see [`default_workers`]).
     pub workers: usize,
+    /// Traces and metrics (default: both off).
+    pub telemetry: Telemetry,
 }
 
 /// Serve on `listener` until `shutdown` resolves; then readiness turns
@@ -487,13 +594,16 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let service = CascadeServer::new(CascadeService::with_workers(
-        backend,
-        opts.role,
-        opts.device,
-        opts.max_in_flight,
-        opts.workers,
-    ))
+    let service = CascadeServer::new(
+        CascadeService::with_workers(
+            backend,
+            opts.role,
+            opts.device,
+            opts.max_in_flight,
+            opts.workers,
+        )
+        .with_telemetry(opts.telemetry),
+    )
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let drain_reporter = reporter.clone();

@@ -86,6 +86,15 @@ struct Running {
 }
 
 async fn start(backend: Backend, role: Role, max_in_flight: usize) -> Running {
+    start_observed(backend, role, max_in_flight, Default::default()).await
+}
+
+async fn start_observed(
+    backend: Backend,
+    role: Role,
+    max_in_flight: usize,
+    telemetry: cascade_server::Telemetry,
+) -> Running {
     let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -96,6 +105,7 @@ async fn start(backend: Backend, role: Role, max_in_flight: usize) -> Running {
         device: "cpu".into(),
         max_in_flight,
         workers: cascade_server::default_workers(),
+        telemetry,
     };
     let task = tokio::spawn(cascade_server::serve(backend, opts, listener, async {
         let _ = stop_rx.await;
@@ -594,8 +604,13 @@ async fn shutdown_drains_requests_in_flight() {
         },
         ..Default::default()
     };
-    let engine =
-        Engine::load_with(&dir, &Device::Cpu, cfg, Arc::new(EventStore::in_memory())).unwrap();
+    let engine = Engine::load_with(
+        &dir,
+        &Device::Cpu,
+        cfg.clone(),
+        Arc::new(EventStore::in_memory()),
+    )
+    .unwrap();
     let h = Arc::new(EngineHandle::from_engine(engine, &Device::Cpu, cfg));
     let server = start(Backend::Local(h), Role::All, 256).await;
     let mut calls = Vec::new();
@@ -668,5 +683,395 @@ async fn events_survive_a_server_restart_and_oversized_requests_are_refused() {
     let mut c = server.client().await;
     let after = c.predict(predict_req("u9", 5)).await.unwrap().into_inner();
     assert!(after.items.iter().all(|it| it.item_id != top));
+    server.shut().await;
+}
+
+// ---------------------------------------------------------------- telemetry
+
+mod otlp {
+    //! OTLP receivers the tests export to: the collector's gRPC TraceService
+    //! and the HTTP/protobuf `POST /v1/traces` endpoint.
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::Span;
+
+    /// A received span with its service's name.
+    #[derive(Debug, Clone)]
+    pub struct Got {
+        pub service: String,
+        pub span: Span,
+    }
+
+    impl Got {
+        pub fn attr(&self, key: &str) -> Option<Value> {
+            self.span
+                .attributes
+                .iter()
+                .find(|kv| kv.key == key)
+                .and_then(|kv| kv.value.clone())
+                .and_then(|v| v.value)
+        }
+        pub fn micros(&self) -> u64 {
+            (self.span.end_time_unix_nano - self.span.start_time_unix_nano) / 1000
+        }
+    }
+
+    #[derive(Clone, Default)]
+    pub struct Sink(pub Arc<Mutex<Vec<Got>>>);
+
+    impl Sink {
+        fn take(&self, req: ExportTraceServiceRequest) {
+            let mut all = self.0.lock().unwrap();
+            for rs in req.resource_spans {
+                let service = rs
+                    .resource
+                    .iter()
+                    .flat_map(|r| r.attributes.iter())
+                    .find(|kv| kv.key == "service.name")
+                    .and_then(|kv| kv.value.clone()?.value)
+                    .map(|v| match v {
+                        Value::StringValue(s) => s,
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default();
+                for ss in rs.scope_spans {
+                    for span in ss.spans {
+                        all.push(Got {
+                            service: service.clone(),
+                            span,
+                        });
+                    }
+                }
+            }
+        }
+        pub fn spans(&self) -> Vec<Got> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            self.take(req.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
+        }
+    }
+
+    /// An OTLP/gRPC receiver on an ephemeral port: (endpoint, sink).
+    pub async fn grpc() -> (String, Sink) {
+        let sink = Sink::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let svc = TraceServiceServer::new(sink.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        (url, sink)
+    }
+
+    /// An OTLP/HTTP (protobuf) receiver on an ephemeral port: (endpoint, sink).
+    pub async fn http() -> (String, Sink) {
+        use prost::Message;
+        let sink = Sink::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let s = sink.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let s = s.clone();
+                async move {
+                    match ExportTraceServiceRequest::decode(body) {
+                        Ok(req) => {
+                            s.take(req);
+                            (axum::http::StatusCode::OK, Vec::new())
+                        }
+                        Err(_) => (axum::http::StatusCode::BAD_REQUEST, Vec::new()),
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, sink)
+    }
+}
+
+fn tracer(
+    endpoint: &str,
+    protocol: cascade_server::telemetry::OtlpProtocol,
+    service: &str,
+) -> opentelemetry_sdk::trace::SdkTracerProvider {
+    cascade_server::TraceConfig {
+        endpoint: Some(endpoint.into()),
+        protocol,
+        service_name: service.into(),
+        sample_ratio: None,
+        attributes: vec![],
+    }
+    .provider()
+    .unwrap()
+    .expect("an endpoint turns tracing on")
+}
+
+async fn flush(providers: &[&opentelemetry_sdk::trace::SdkTracerProvider]) {
+    for p in providers {
+        let p = (*p).clone();
+        tokio::task::spawn_blocking(move || p.force_flush().unwrap())
+            .await
+            .unwrap();
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// One Predict through gateway + retrieval + ranker, each exporting to the
+/// same OTLP receiver as its own service: one trace, continuing the caller's
+/// `traceparent`, with every parent link right; then a call without one
+/// starts a fresh trace that still spans the three services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_spans_gateway_retrieval_and_ranker() {
+    use cascade_server::telemetry::OtlpProtocol::Grpc;
+    use cascade_server::Telemetry;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    let root = tempfile::tempdir().unwrap();
+    let dir = trained(root.path());
+    let (endpoint, sink) = otlp::grpc().await;
+    let p_retrieval = tracer(&endpoint, Grpc, "cascade-retrieval");
+    let p_ranker = tracer(&endpoint, Grpc, "cascade-ranker");
+    let p_gateway = tracer(&endpoint, Grpc, "cascade-gateway");
+    let gw_registry = prometheus::Registry::new();
+    let gw_metrics = cascade_server::ServerMetrics::register(&gw_registry).unwrap();
+    let retrieval = start_observed(
+        Backend::Local(handle(&dir)),
+        Role::Retrieval,
+        64,
+        Telemetry::new(None, Some(&p_retrieval)),
+    )
+    .await;
+    let ranker = start_observed(
+        Backend::Local(handle(&dir)),
+        Role::Ranker,
+        64,
+        Telemetry::new(None, Some(&p_ranker)),
+    )
+    .await;
+    let gw = cascade_server::Gateway::new(&retrieval.url, &ranker.url).unwrap();
+    let gateway = start_observed(
+        gw.into(),
+        Role::Gateway,
+        64,
+        Telemetry::new(Some(gw_metrics.clone()), Some(&p_gateway)),
+    )
+    .await;
+    let mut g = gateway.client().await;
+
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut req = tonic::Request::new(predict_req("u3", 5));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{caller_trace}-{caller_span}-01")
+            .parse()
+            .unwrap(),
+    );
+    let resp = g.predict(req).await.unwrap().into_inner();
+    assert_eq!(resp.items.len(), 5);
+    flush(&[&p_gateway, &p_retrieval, &p_ranker]).await;
+
+    let spans = sink.spans();
+    let named = |service: &str, name: &str| -> otlp::Got {
+        let hits: Vec<&otlp::Got> = spans
+            .iter()
+            .filter(|s| s.service == service && s.span.name == name)
+            .collect();
+        assert_eq!(hits.len(), 1, "{service} {name}: {spans:#?}");
+        hits[0].clone()
+    };
+    assert!(
+        spans.iter().all(|s| hex(&s.span.trace_id) == caller_trace),
+        "every span continues the caller's trace: {spans:#?}"
+    );
+    let server = named("cascade-gateway", "cascade.v1.Cascade/Predict");
+    assert_eq!(hex(&server.span.parent_span_id), caller_span);
+    assert_eq!(server.span.kind, SpanKind::Server as i32);
+    assert_eq!(
+        server.attr("rpc.system"),
+        Some(Value::StringValue("grpc".into()))
+    );
+    assert_eq!(
+        server.attr("rpc.method"),
+        Some(Value::StringValue("Predict".into()))
+    );
+    assert_eq!(
+        server.attr("rpc.grpc.status_code"),
+        Some(Value::IntValue(0))
+    );
+    let merge = named("cascade-gateway", "cascade.merge");
+    assert_eq!(merge.span.parent_span_id, server.span.span_id);
+    for (rpc, service, stages) in [
+        (
+            "Retrieve",
+            "cascade-retrieval",
+            &["cascade.user_state", "cascade.retrieval"][..],
+        ),
+        (
+            "Rank",
+            "cascade-ranker",
+            &[
+                "cascade.user_state",
+                "cascade.feature_assembly",
+                "cascade.rank_queue",
+                "cascade.rank_forward",
+                "cascade.merge",
+            ][..],
+        ),
+    ] {
+        let name = format!("cascade.v1.Cascade/{rpc}");
+        let client = named("cascade-gateway", &name);
+        assert_eq!(client.span.kind, SpanKind::Client as i32);
+        assert_eq!(client.span.parent_span_id, server.span.span_id, "{rpc}");
+        let downstream = named(service, &name);
+        assert_eq!(downstream.span.kind, SpanKind::Server as i32);
+        assert_eq!(
+            downstream.span.parent_span_id, client.span.span_id,
+            "{service}'s server span hangs off the gateway's client span"
+        );
+        for stage in stages {
+            let st = named(service, stage);
+            assert_eq!(st.span.parent_span_id, downstream.span.span_id, "{stage}");
+            assert!(
+                st.span.start_time_unix_nano >= downstream.span.start_time_unix_nano
+                    && st.span.end_time_unix_nano <= downstream.span.end_time_unix_nano,
+                "{stage} lies inside its RPC"
+            );
+        }
+    }
+    let fwd = named("cascade-ranker", "cascade.rank_forward");
+    assert_eq!(fwd.attr("cascade.batch.rows"), Some(Value::IntValue(30)));
+    assert_eq!(
+        fwd.attr("cascade.device"),
+        Some(Value::StringValue("cpu".into()))
+    );
+    let client_ok = |rpc: &str| {
+        gw_metrics
+            .client_handled
+            .with_label_values(&["unary", "cascade.v1.Cascade", rpc, "OK"])
+            .get()
+    };
+    assert_eq!((client_ok("Retrieve"), client_ok("Rank")), (1, 1));
+
+    // No caller context: the gateway starts the trace, the stages join it.
+    let before = sink.spans().len();
+    g.predict(predict_req("u4", 5)).await.unwrap();
+    flush(&[&p_gateway, &p_retrieval, &p_ranker]).await;
+    let fresh: Vec<otlp::Got> = sink.spans().split_off(before);
+    let root_span = fresh
+        .iter()
+        .find(|s| s.span.name == "cascade.v1.Cascade/Predict")
+        .expect("gateway server span");
+    assert!(
+        root_span.span.parent_span_id.is_empty(),
+        "a new trace's root"
+    );
+    let services: std::collections::BTreeSet<&str> =
+        fresh.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(
+        services.into_iter().collect::<Vec<_>>(),
+        ["cascade-gateway", "cascade-ranker", "cascade-retrieval"]
+    );
+    assert!(fresh
+        .iter()
+        .all(|s| s.span.trace_id == root_span.span.trace_id));
+    assert_ne!(hex(&root_span.span.trace_id), caller_trace);
+    gateway.shut().await;
+    retrieval.shut().await;
+    ranker.shut().await;
+}
+
+/// All-in-one over OTLP/HTTP: the response's stage timings, the exported
+/// stage spans and the Prometheus stage histograms are the same numbers;
+/// the per-RPC series count what happened, by code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timings_spans_and_histograms_agree() {
+    use cascade_server::telemetry::OtlpProtocol::HttpProtobuf;
+    let root = tempfile::tempdir().unwrap();
+    let dir = trained(root.path());
+    let (endpoint, sink) = otlp::http().await;
+    let provider = tracer(&endpoint, HttpProtobuf, "cascade-all");
+    let registry = prometheus::Registry::new();
+    let metrics = cascade_server::ServerMetrics::register(&registry).unwrap();
+    let server = start_observed(
+        Backend::Local(handle(&dir)),
+        Role::All,
+        64,
+        cascade_server::Telemetry::new(Some(metrics.clone()), Some(&provider)),
+    )
+    .await;
+    let mut c = server.client().await;
+    let resp = c.predict(predict_req("u5", 5)).await.unwrap().into_inner();
+    let bad = c.predict(predict_req("u5", 0)).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    flush(&[&provider]).await;
+    let t = resp.timings.unwrap();
+    let spans = sink.spans();
+    let stage = |name: &str| {
+        spans
+            .iter()
+            .find(|s| s.span.name == format!("cascade.{name}"))
+            .unwrap_or_else(|| panic!("no {name} span: {spans:#?}"))
+            .clone()
+    };
+    assert!(spans.iter().all(|s| s.service == "cascade-all"));
+    assert_eq!(stage("user_state").micros(), t.user_state_us);
+    assert_eq!(stage("retrieval").micros(), t.retrieval_us);
+    assert_eq!(stage("rank_queue").micros(), t.rank_queue_us);
+    for name in ["user_state", "retrieval", "rank_queue", "rank_forward"] {
+        let h = metrics.stage.with_label_values(&[name]);
+        assert_eq!(h.get_sample_count(), 1, "{name}");
+        let span_ns = {
+            let s = stage(name).span;
+            s.end_time_unix_nano - s.start_time_unix_nano
+        };
+        assert!(
+            (h.get_sample_sum() - span_ns as f64 / 1e9).abs() < 2e-9,
+            "{name}: histogram {} s vs span {span_ns} ns",
+            h.get_sample_sum()
+        );
+    }
+    let handled = |code: &str| {
+        metrics
+            .handled
+            .with_label_values(&["unary", "cascade.v1.Cascade", "Predict", code])
+            .get()
+    };
+    assert_eq!((handled("OK"), handled("InvalidArgument")), (1, 1));
+    let bad_span = spans
+        .iter()
+        .filter(|s| s.span.name == "cascade.v1.Cascade/Predict")
+        .find(|s| {
+            s.attr("rpc.grpc.status_code")
+                == Some(opentelemetry_proto::tonic::common::v1::any_value::Value::IntValue(3))
+        })
+        .expect("the rejected call has its span");
+    // Semantic conventions: a caller's mistake is not a server error.
+    assert_eq!(bad_span.span.status.as_ref().map_or(0, |s| s.code), 0);
+    assert_eq!(metrics.in_flight.get(), 0);
     server.shut().await;
 }

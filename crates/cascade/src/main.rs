@@ -27,6 +27,21 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log format on stderr: text, or json (one object per line; request
+    /// logs carry trace_id and span_id).
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -128,6 +143,21 @@ struct ServeArgs {
     /// MiniLM directory used by --train-if-missing.
     #[arg(long, env = "CASCADE_MINILM", default_value = "data/minilm")]
     minilm: PathBuf,
+    /// Prometheus endpoint (GET /metrics) address, or `off`.
+    #[arg(long, env = "CASCADE_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    metrics_addr: String,
+    /// OTLP endpoint for traces (e.g. http://collector:4317). Without it,
+    /// OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+    /// turn tracing on; with neither, tracing is off.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// OTLP protocol: grpc or http/protobuf (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins when set).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "grpc")]
+    otlp_protocol: String,
+    /// Share of new traces sampled (parent-based; a caller's decision is
+    /// kept). Default: OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, else all.
+    #[arg(long, env = "CASCADE_TRACE_SAMPLE_RATIO")]
+    trace_sample_ratio: Option<f64>,
 }
 
 #[derive(Args)]
@@ -356,14 +386,17 @@ struct TrainArgs {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,hnsw_rs=warn,anndists=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,hnsw_rs=warn,anndists=warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+    }
+    match cli.cmd {
         Cmd::Fetch(a) => fetch_cmd(a),
         Cmd::Train(a) => train_cmd(a, true),
         Cmd::Eval(a) => train_cmd(a, false),
@@ -535,8 +568,36 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    // The gateway's lazy channels spawn their connection tasks on the runtime.
+    // The gateway's lazy channels and the trace exporter spawn their tasks
+    // on the runtime.
     let _in_runtime = rt.enter();
+    let registry = prometheus::Registry::new();
+    let metrics_on = a.metrics_addr != "off";
+    let (engine_metrics, server_metrics) = if metrics_on {
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        (
+            cascade_core::EngineMetrics::register(&registry)?,
+            Some(cascade_server::ServerMetrics::register(&registry)?),
+        )
+    } else {
+        (cascade_core::EngineMetrics::default(), None)
+    };
+    let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        .unwrap_or_else(|_| a.otlp_protocol.clone());
+    let trace_cfg = cascade_server::TraceConfig {
+        endpoint: a.otlp_endpoint.clone(),
+        protocol: protocol.parse().map_err(anyhow::Error::msg)?,
+        service_name: format!("cascade-{}", a.role.as_str()),
+        sample_ratio: a.trace_sample_ratio,
+        attributes: vec![("cascade.role".into(), a.role.as_str().into())],
+    };
+    let provider = trace_cfg.provider()?;
+    if provider.is_some() {
+        tracing::info!("exporting traces over OTLP ({protocol})");
+    }
+    let telemetry = cascade_server::Telemetry::new(server_metrics.clone(), provider.as_ref());
     let (backend, device) = if a.role == Role::Gateway {
         let (Some(retrieval), Some(ranker)) = (&a.retrieval_endpoint, &a.ranker_endpoint) else {
             anyhow::bail!("--role gateway needs --retrieval-endpoint and --ranker-endpoint");
@@ -567,6 +628,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
                 queue: a.rank_queue.max(1),
             },
             user_cache: a.user_cache,
+            metrics: engine_metrics,
         };
         let t0 = Instant::now();
         let handle = std::sync::Arc::new(
@@ -595,12 +657,44 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         device,
         max_in_flight: a.max_in_flight,
         workers: a.workers.unwrap_or_else(cascade_server::default_workers),
+        telemetry,
     };
     let local = match &backend {
         Backend::Local(h) => Some(h.clone()),
         Backend::Gateway(_) => None,
     };
+    let scrape_local = local.clone();
+    let (role, device) = (a.role.as_str(), opts.device.clone());
+    // Gauges sampled when Prometheus scrapes rather than on every request.
+    let before_scrape = std::sync::Arc::new(move || {
+        let (Some(m), Some(h)) = (&server_metrics, &scrape_local) else {
+            return;
+        };
+        let engine = h.current();
+        m.rank_queue_depth.set(engine.rank_queue_depth() as i64);
+        m.model_info.reset();
+        m.model_info
+            .with_label_values(&[engine.model_version(), device.as_str(), role])
+            .set(1);
+    });
     rt.block_on(async move {
+        if metrics_on {
+            let addr: std::net::SocketAddr = a
+                .metrics_addr
+                .parse()
+                .with_context(|| format!("--metrics-addr {:?}", a.metrics_addr))?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding --metrics-addr {addr}"))?;
+            tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
+            // Runs until the process exits: scrapes keep working while draining.
+            tokio::spawn(cascade_server::telemetry::serve_metrics(
+                listener,
+                registry,
+                before_scrape,
+                std::future::pending(),
+            ));
+        }
         let listener = cascade_server::bind(a.listen).await?;
         tracing::info!(
             "serving cascade.v1 (--role {}) on {}",
@@ -608,6 +702,10 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
             listener.local_addr()?
         );
         cascade_server::serve(backend, opts, listener, shutdown_signal()).await?;
+        if let Some(p) = provider {
+            // Flush the spans still queued before the runtime goes.
+            let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+        }
         Ok::<_, anyhow::Error>(())
     })?;
     if let Some(h) = local {

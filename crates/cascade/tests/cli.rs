@@ -106,6 +106,8 @@ struct Served {
     lines: std::sync::mpsc::Receiver<String>,
     log: Vec<String>,
     url: String,
+    /// Its Prometheus endpoint, from the start-up log.
+    metrics_url: Option<String>,
 }
 
 impl Served {
@@ -115,6 +117,7 @@ impl Served {
         let port = free_port();
         let mut child = cascade()
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .arg("--artifact")
             .arg(artifacts)
             .arg("--event-log")
@@ -138,10 +141,21 @@ impl Served {
             lines,
             log: Vec::new(),
             url: format!("http://127.0.0.1:{port}"),
+            metrics_url: None,
         };
         loop {
             match s.lines.recv_timeout(std::time::Duration::from_secs(60)) {
                 Ok(l) if l.contains("serving cascade.v1") => return s,
+                Ok(l) if l.contains("metrics on http://") => {
+                    s.metrics_url = l.split_once("http://").map(|(_, rest)| {
+                        let url: String = rest
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || ".:/".contains(*c))
+                            .collect();
+                        format!("http://{url}")
+                    });
+                    s.log.push(l);
+                }
                 Ok(l) => s.log.push(l),
                 Err(_) => {
                     let _ = s.child.kill();

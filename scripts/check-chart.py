@@ -47,7 +47,10 @@ def server_facts(binary):
         for p in ("crates/cascade-server/src/telemetry.rs", "crates/cascade-core/src/metrics.rs")
     )
     metrics = set(re.findall(r'"((?:cascade|grpc)_[a-z_]+)"', sources))
-    return flags, envs, readiness, metrics
+    disc = open(os.path.join(ROOT, "crates/cascade-server/src/discovery.rs")).read()
+    port_name = re.search(r'pub const STAGE_PORT_NAME: &str = "([^"]+)"', disc).group(1)
+    discovery = set(re.search(r"--discovery <DISCOVERY>.*?\[possible values: ([^\]]+)\]", help_text, re.S).group(1).split(", "))
+    return flags, envs, readiness, metrics, port_name, discovery
 
 
 def render(values, name="rec", namespace="prod"):
@@ -98,8 +101,55 @@ def validate(docs, label):
         validate_crds(crd_files, label)
 
 
+def arg(args, flag):
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def check_discovery(docs, label, facts):
+    """The split gateway's pod discovery: what it watches exists, and it may watch it."""
+    port_name, modes = facts[4], facts[5]
+    gw = next((d for _, d in docs if d["kind"] == "Deployment" and "gateway" in d["spec"]["template"]["spec"]["containers"][0]["args"]), None)
+    if gw is None:
+        return
+    pod = gw["spec"]["template"]["spec"]
+    ctr = pod["containers"][0]
+    mode = arg(ctr["args"], "--discovery")
+    if mode not in modes:
+        fail(f"{label}: gateway --discovery {mode!r} is not one of the server's {sorted(modes)}")
+    services = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "Service"}
+    for flag in ("--retrieval-endpoint", "--ranker-endpoint"):
+        host = re.match(r"http://([^:/]+):(\d+)$", arg(ctr["args"], flag) or "")
+        svc = services.get(host.group(1)) if host else None
+        if svc is None:
+            fail(f"{label}: {flag} {arg(ctr['args'], flag)} names no rendered Service")
+            continue
+        if not any(p["name"] == port_name and str(p["port"]) == host.group(2) for p in svc["spec"]["ports"]):
+            fail(f"{label}: Service {svc['metadata']['name']} has no port {port_name!r} on {host.group(2)}")
+    roles = [d for _, d in docs if d["kind"] == "Role"]
+    bindings = [d for _, d in docs if d["kind"] == "RoleBinding"]
+    if mode != "kube":
+        if roles or bindings:
+            fail(f"{label}: RBAC rendered although the gateway does not watch the API")
+        return
+    if not any(e.get("name") == "POD_NAMESPACE" and e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.namespace" for e in ctr.get("env", [])):
+        fail(f"{label}: the kube gateway is not told its namespace (POD_NAMESPACE)")
+    can_watch = {
+        r["metadata"]["name"]
+        for r in roles
+        for rule in r["rules"]
+        if "discovery.k8s.io" in rule["apiGroups"] and "endpointslices" in rule["resources"] and {"list", "watch"} <= set(rule["verbs"])
+    }
+    sa = pod["serviceAccountName"]
+    if not any(
+        b["roleRef"]["kind"] == "Role" and b["roleRef"]["name"] in can_watch and any(s["kind"] == "ServiceAccount" and s["name"] == sa for s in b["subjects"])
+        for b in bindings
+    ):
+        fail(f"{label}: the gateway's ServiceAccount {sa} may not list/watch endpointslices")
+
+
 def check_against_server(docs, label, facts):
-    flags, envs, readiness, metrics = facts
+    flags, envs, readiness, metrics = facts[:4]
+    check_discovery(docs, label, facts)
     cms = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "ConfigMap"}
     for _, d in docs:
         if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config"):
@@ -168,7 +218,11 @@ def main():
     variants = {
         "all-in-one (defaults)": {},
         "split, GPU ranker, pods metric": {"mode": "split"},
-        "split, CPU ranker, KEDA": {"mode": "split", "ranker": {"gpu": {"enabled": False}, "autoscaling": {"type": "keda"}}},
+        "split, CPU ranker, KEDA, DNS discovery": {
+            "mode": "split",
+            "discovery": "dns",
+            "ranker": {"gpu": {"enabled": False}, "autoscaling": {"type": "keda"}},
+        },
         "split, PVC artifacts, no HPA": {
             "mode": "split",
             "artifacts": {"source": "pvc", "pvc": {"claimName": "cascade-artifacts"}},
@@ -203,7 +257,7 @@ def main():
             if sorted(headless) != ["rec-cascade-ranker", "rec-cascade-retrieval"]:
                 fail(f"{label}: headless services {headless}")
     must = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap", "Secret",
-            "ServiceAccount", "NetworkPolicy", "ServiceMonitor", "ScaledObject", "Pod"}
+            "ServiceAccount", "NetworkPolicy", "ServiceMonitor", "ScaledObject", "Pod", "Role", "RoleBinding"}
     if not must <= seen_kinds:
         fail(f"kinds never rendered: {must - seen_kinds}")
 
@@ -227,6 +281,7 @@ def main():
         "bad mode": {"mode": "both"},
         "bad artifact URI": {"artifacts": {"s3": {"uri": "https://bucket"}}},
         "bad sampler": {"otel": {"sampler": "sometimes"}},
+        "bad discovery": {"discovery": "consul"},
     }.items():
         try:
             render(bad)

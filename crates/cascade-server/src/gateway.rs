@@ -34,9 +34,18 @@ fn client(url: &str) -> Result<CascadeClient<Channel>, ServerError> {
     })?;
     // Lazy: the stages may start in any order; calls fail with UNAVAILABLE
     // until the other side is up.
-    Ok(CascadeClient::new(ep.tcp_nodelay(true).connect_lazy())
+    Ok(over(ep.tcp_nodelay(true).connect_lazy()))
+}
+
+fn over(channel: Channel) -> CascadeClient<Channel> {
+    CascadeClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// How the gateway reaches a stage's pods (see [`crate::discovery`]).
+pub fn stage_endpoint(addr: std::net::SocketAddr) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true))
 }
 
 /// A downstream request carrying what is left of the caller's deadline.
@@ -110,6 +119,15 @@ impl Gateway {
             ranker: client(ranker_url)?,
             tel: Telemetry::default(),
         })
+    }
+
+    /// Over given channels (e.g. balanced over pods found by [`crate::discovery`]).
+    pub fn from_channels(retrieval: Channel, ranker: Channel) -> Self {
+        Self {
+            retrieval: over(retrieval),
+            ranker: over(ranker),
+            tel: Telemetry::default(),
+        }
     }
 
     pub(crate) fn set_telemetry(&mut self, tel: Telemetry) {

@@ -17,9 +17,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
+pub mod discovery;
 mod gateway;
 pub mod telemetry;
-pub use gateway::Gateway;
+pub use gateway::{stage_endpoint, Gateway};
 pub use telemetry::{ServerMetrics, Telemetry, TraceConfig};
 
 impl From<Gateway> for Backend {
@@ -56,6 +57,8 @@ pub enum ServerError {
     },
     #[error("endpoint {url:?}: {msg}")]
     Endpoint { url: String, msg: String },
+    #[error("pod discovery: {0}")]
+    Discovery(String),
 }
 
 /// Which stages this process runs.

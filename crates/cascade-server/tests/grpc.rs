@@ -7,126 +7,19 @@ use std::time::Duration;
 
 use candle_core::Device;
 use cascade_core::{BatchConfig, Engine, EngineConfig, EngineHandle, EventStore};
-use cascade_data::synthetic::planted;
 use cascade_retrieval::IndexParams;
 use cascade_server::pb::cascade_client::CascadeClient;
 use cascade_server::pb::{
-    Context, Event, GetModelInfoRequest, PredictRequest, RankRequest, RecordEventsRequest,
-    ReloadModelRequest, RetrieveRequest,
+    Context, GetModelInfoRequest, PredictRequest, RankRequest, ReloadModelRequest, RetrieveRequest,
 };
-use cascade_server::{Backend, Role, ServeOptions};
+use cascade_server::{Backend, Role};
 use cascade_train::pipeline;
-use cascade_train::train::TrainConfig;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-/// One "view" event of `item` by `user`.
-fn viewed(user: &str, item: &str) -> RecordEventsRequest {
-    RecordEventsRequest {
-        events: vec![Event {
-            user_id: user.into(),
-            item_id: item.into(),
-            kind: "view".into(),
-            timestamp: 1,
-        }],
-    }
-}
-
-/// A Predict request for `user` with `k` results and defaults elsewhere.
-fn predict_req(user: &str, k: u32) -> PredictRequest {
-    PredictRequest {
-        user_id: user.into(),
-        num_results: k,
-        ..Default::default()
-    }
-}
-
-/// Train a small artifact with planted structure under `root`.
-fn trained(root: &std::path::Path) -> std::path::PathBuf {
-    let ds = planted(80, 120, 4, 20, 4);
-    let text: Vec<Vec<f32>> = (0..ds.items.len())
-        .map(|i| (0..8).map(|j| ((i + j) % 5) as f32 / 5.0 - 0.5).collect())
-        .collect();
-    let cfg = TrainConfig {
-        tt_epochs: 5,
-        tt_batch: 256,
-        ranker_epochs: 3,
-        ranker_batch: 256,
-        bpr_epochs: 1,
-        hard_negative_pool: 20,
-        history_len: 10,
-        progress: false,
-        ..Default::default()
-    };
-    let opts = pipeline::RunOptions {
-        candidates: 30,
-        with_rating: false,
-        index: IndexParams::default(),
-    };
-    pipeline::train_artifact(root, &ds, &text, &cfg, &opts, &Device::Cpu)
-        .unwrap()
-        .1
-}
-
-fn handle(dir: &std::path::Path) -> Arc<EngineHandle> {
-    let engine = Engine::load(dir, &Device::Cpu).unwrap();
-    Arc::new(EngineHandle::from_engine(
-        engine,
-        &Device::Cpu,
-        Default::default(),
-    ))
-}
-
-/// A real server on an ephemeral port.
-struct Running {
-    url: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), cascade_server::ServerError>>,
-}
-
-async fn start(backend: Backend, role: Role, max_in_flight: usize) -> Running {
-    start_observed(backend, role, max_in_flight, Default::default()).await
-}
-
-async fn start_observed(
-    backend: Backend,
-    role: Role,
-    max_in_flight: usize,
-    telemetry: cascade_server::Telemetry,
-) -> Running {
-    let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let opts = ServeOptions {
-        role,
-        device: "cpu".into(),
-        max_in_flight,
-        workers: cascade_server::default_workers(),
-        telemetry,
-    };
-    let task = tokio::spawn(cascade_server::serve(backend, opts, listener, async {
-        let _ = stop_rx.await;
-    }));
-    Running { url, stop, task }
-}
-
-impl Running {
-    async fn client(&self) -> CascadeClient<tonic::transport::Channel> {
-        CascadeClient::connect(self.url.clone()).await.unwrap()
-    }
-
-    async fn shut(self) {
-        self.stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("server did not drain")
-            .unwrap()
-            .unwrap();
-    }
-}
+mod support;
+use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_round_trip() {

@@ -39,6 +39,13 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Discovery {
+    Auto,
+    Kube,
+    Dns,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -104,6 +111,11 @@ struct ServeArgs {
     /// Ranker server for --role gateway (http://host:port).
     #[arg(long, env = "CASCADE_RANKER_ENDPOINT")]
     ranker_endpoint: Option<String>,
+    /// How the gateway finds stage pods: kube (watch the endpoint Services'
+    /// EndpointSlices and balance over ready pods), dns (connect to the URL),
+    /// or auto (kube inside a cluster, else dns).
+    #[arg(long, env = "CASCADE_DISCOVERY", default_value = "auto")]
+    discovery: Discovery,
     /// Device for the models: cpu, cuda or cuda:N.
     #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
     device: String,
@@ -602,8 +614,24 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         let (Some(retrieval), Some(ranker)) = (&a.retrieval_endpoint, &a.ranker_endpoint) else {
             anyhow::bail!("--role gateway needs --retrieval-endpoint and --ranker-endpoint");
         };
-        let g = cascade_server::Gateway::new(retrieval, ranker)?;
-        tracing::info!("gateway to retrieval {retrieval} and ranker {ranker}");
+        let kube = match a.discovery {
+            Discovery::Kube => true,
+            Discovery::Dns => false,
+            Discovery::Auto => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+        };
+        let g = if kube {
+            let g = rt.block_on(cascade_server::discovery::in_cluster_gateway(
+                retrieval, ranker,
+            ))?;
+            tracing::info!(
+                "gateway to the ready pods behind {retrieval} and {ranker} (EndpointSlice watch)"
+            );
+            g
+        } else {
+            let g = cascade_server::Gateway::new(retrieval, ranker)?;
+            tracing::info!("gateway to retrieval {retrieval} and ranker {ranker}");
+            g
+        };
         (Backend::from(g), "remote".to_string())
     } else {
         if a.train_if_missing

@@ -1,0 +1,133 @@
+//! Shared by the gRPC test binaries: a small trained artifact and real
+//! servers on ephemeral ports.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use cascade_core::{Engine, EngineHandle};
+use cascade_data::synthetic::planted;
+use cascade_retrieval::IndexParams;
+use cascade_server::pb::cascade_client::CascadeClient;
+use cascade_server::pb::{Event, PredictRequest, RecordEventsRequest};
+use cascade_server::{Backend, Role, ServeOptions};
+use cascade_train::pipeline;
+use cascade_train::train::TrainConfig;
+
+/// One "view" event of `item` by `user`.
+pub fn viewed(user: &str, item: &str) -> RecordEventsRequest {
+    RecordEventsRequest {
+        events: vec![Event {
+            user_id: user.into(),
+            item_id: item.into(),
+            kind: "view".into(),
+            timestamp: 1,
+        }],
+    }
+}
+
+/// A Predict request for `user` with `k` results and defaults elsewhere.
+pub fn predict_req(user: &str, k: u32) -> PredictRequest {
+    PredictRequest {
+        user_id: user.into(),
+        num_results: k,
+        ..Default::default()
+    }
+}
+
+/// Train a small artifact with planted structure under `root`.
+pub fn trained(root: &std::path::Path) -> std::path::PathBuf {
+    let ds = planted(80, 120, 4, 20, 4);
+    let text: Vec<Vec<f32>> = (0..ds.items.len())
+        .map(|i| (0..8).map(|j| ((i + j) % 5) as f32 / 5.0 - 0.5).collect())
+        .collect();
+    let cfg = TrainConfig {
+        tt_epochs: 5,
+        tt_batch: 256,
+        ranker_epochs: 3,
+        ranker_batch: 256,
+        bpr_epochs: 1,
+        hard_negative_pool: 20,
+        history_len: 10,
+        progress: false,
+        ..Default::default()
+    };
+    let opts = pipeline::RunOptions {
+        candidates: 30,
+        with_rating: false,
+        index: IndexParams::default(),
+    };
+    pipeline::train_artifact(root, &ds, &text, &cfg, &opts, &Device::Cpu)
+        .unwrap()
+        .1
+}
+
+pub fn handle(dir: &std::path::Path) -> Arc<EngineHandle> {
+    let engine = Engine::load(dir, &Device::Cpu).unwrap();
+    Arc::new(EngineHandle::from_engine(
+        engine,
+        &Device::Cpu,
+        Default::default(),
+    ))
+}
+
+/// A real server on an ephemeral port.
+pub struct Running {
+    pub url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), cascade_server::ServerError>>,
+}
+
+pub async fn start(backend: Backend, role: Role, max_in_flight: usize) -> Running {
+    start_observed(backend, role, max_in_flight, Default::default()).await
+}
+
+pub async fn start_observed(
+    backend: Backend,
+    role: Role,
+    max_in_flight: usize,
+    telemetry: cascade_server::Telemetry,
+) -> Running {
+    let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    start_on(listener, backend, role, max_in_flight, telemetry)
+}
+
+pub fn start_on(
+    listener: tokio::net::TcpListener,
+    backend: Backend,
+    role: Role,
+    max_in_flight: usize,
+    telemetry: cascade_server::Telemetry,
+) -> Running {
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = ServeOptions {
+        role,
+        device: "cpu".into(),
+        max_in_flight,
+        workers: cascade_server::default_workers(),
+        telemetry,
+    };
+    let task = tokio::spawn(cascade_server::serve(backend, opts, listener, async {
+        let _ = stop_rx.await;
+    }));
+    Running { url, stop, task }
+}
+
+impl Running {
+    pub async fn client(&self) -> CascadeClient<tonic::transport::Channel> {
+        CascadeClient::connect(self.url.clone()).await.unwrap()
+    }
+
+    pub async fn shut(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("server did not drain")
+            .unwrap()
+            .unwrap();
+    }
+}

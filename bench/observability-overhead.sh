@@ -13,7 +13,7 @@
 #      cost, not a measurement of a collector's).
 # Each turn is a closed-loop `cascade bench` run at saturating concurrency;
 # the result is B/A per round and its median. Writes
-# bench/results/observability-overhead.json and prints the table.
+# bench/results/observability-overhead.json (or $OUT) and prints the table.
 #   ROUNDS=3 DURATION=10 CONCURRENCY=32 bench/observability-overhead.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,8 +59,10 @@ for r in $(seq 1 "$ROUNDS"); do
   bench all 50163 "$r"
 done
 curl -s 127.0.0.1:9562/metrics >"$work/scrape.txt"
-python3 - "$work" "$ROUNDS" "$CONCURRENCY" bench/results/observability-overhead.json <<'PY'
-import json, os, platform, statistics, subprocess, sys
+python3 - "$work" "$ROUNDS" "$CONCURRENCY" "${OUT:-bench/results/observability-overhead.json}" <<'PY'
+import json, os, statistics, sys
+sys.path.insert(0, "bench")
+from machine import commit, machine
 work, rounds, conc, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 rows = []
 for r in range(1, rounds + 1):
@@ -76,8 +78,8 @@ for r in range(1, rounds + 1):
 scraped = sum(1 for l in open(os.path.join(work, "scrape.txt")) if l and not l.startswith("#"))
 res = {
     "command": "bench/observability-overhead.sh",
-    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+    "commit": commit(),
+    "machine": machine("server and load generator share the same cores"),
     "concurrency": conc,
     "rounds": rows,
     "median_ratio": statistics.median(r["ratio"] for r in rows),

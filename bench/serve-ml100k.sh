@@ -4,7 +4,7 @@
 # none), then drives it with `cascade bench` open-loop load on the same
 # machine: Predict at several offered rates, Rank with 200 candidates, and a
 # Predict run with 20% unknown users. Writes bench/results/serve-ml100k.json
-# (runs, machine, commit, server flags, server RSS) and prints the table.
+# (or $OUT: runs, machine, commit, server flags, server RSS) and prints the table.
 #   RATES="250,500,1000" DURATION=20 bench/serve-ml100k.sh
 # Run it on an otherwise idle machine; the generator shares its cores.
 set -euo pipefail
@@ -32,21 +32,20 @@ common=(--endpoint "http://127.0.0.1:$PORT" --artifact artifacts --duration "$DU
 rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$server/status")
 kill -TERM $server
 wait $server || true
-python3 - "$work" "$rss_kb" "$SERVE_FLAGS" bench/results/serve-ml100k.json <<'PY'
-import json, os, platform, subprocess, sys
+python3 - "$work" "$rss_kb" "$SERVE_FLAGS" "${OUT:-bench/results/serve-ml100k.json}" <<'PY'
+import json, os, sys
+sys.path.insert(0, "bench")
+from machine import commit, machine
 work, rss_kb, flags, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 runs = []
 for name in ("predict", "rank", "cold"):
     for r in json.load(open(os.path.join(work, name + ".json"))):
         r["label"] = {"predict": "predict", "rank": "rank 200 items", "cold": "predict, 20% unknown users"}[name]
         runs.append(r)
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-mem_gib = round(int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20, 1)
 res = {
     "command": "bench/serve-ml100k.sh",
-    "machine": {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": mem_gib, "gpu": None,
-                "note": "server and load generator share the same cores"},
-    "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip(),
+    "machine": machine("server and load generator share the same cores"),
+    "commit": commit(),
     "serve_flags": flags,
     "server_peak_rss_mib": round(rss_kb / 1024, 1),
     "runs": runs,

@@ -184,6 +184,9 @@ pub struct RunReport {
     pub server_stages_ms: BTreeMap<String, Latency>,
     /// Per measured second, by intended send time.
     pub timeline: Vec<Second>,
+    /// CPU the generator itself used over the run (warm-up included), in
+    /// cores: its share of a machine it shares with the server it measures.
+    pub generator_cpu_cores: f64,
 }
 
 const STAGES: [&str; 5] = ["user_state", "retrieval", "ranking", "rank_queue", "total"];
@@ -291,8 +294,28 @@ impl Recorder {
                     max_ms: h.max() as f64 / 1e3,
                 })
                 .collect(),
+            generator_cpu_cores: 0.0,
             config,
         }
+    }
+}
+
+/// Process CPU time from a start point, in cores (CPU seconds per second).
+struct CpuMeter {
+    cpu: cpu_time::ProcessTime,
+    wall: Instant,
+}
+
+impl CpuMeter {
+    fn start() -> Self {
+        Self {
+            cpu: cpu_time::ProcessTime::now(),
+            wall: Instant::now(),
+        }
+    }
+
+    fn cores(&self) -> f64 {
+        self.cpu.elapsed().as_secs_f64() / self.wall.elapsed().as_secs_f64().max(1e-9)
     }
 }
 
@@ -399,6 +422,7 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
         return Err(BenchError::Config("the rate must be positive".into()));
     }
     let clients = connect(&cfg).await?;
+    let meter = CpuMeter::start();
     let seconds = cfg.duration.as_secs_f64().ceil() as usize;
     let rec = Arc::new(Mutex::new(Recorder::new(seconds)?));
     let start = Instant::now() + Duration::from_millis(50);
@@ -439,7 +463,8 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
                 .await
                 .map_err(|e| BenchError::Config(format!("caller task: {e}")))?;
         }
-        let r = lock(&rec).report(cfg, sent);
+        let mut r = lock(&rec).report(cfg, sent);
+        r.generator_cpu_cores = meter.cores();
         return Ok(r);
     }
     // Open loop. The schedule runs on its own OS thread: std's sleep wakes
@@ -502,7 +527,9 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
     if left > 0 {
         *r.errors.entry("generator_timeout".into()).or_default() += left;
     }
-    Ok(r.report(cfg, sent))
+    let mut report = r.report(cfg, sent);
+    report.generator_cpu_cores = meter.cores();
+    Ok(report)
 }
 
 /// A rate sweep: the highest offered rate whose run stayed within budget.
@@ -564,7 +591,7 @@ pub async fn sweep(
 /// A fixed-width table of runs.
 pub fn table(reports: &[RunReport]) -> String {
     let mut s = format!(
-        "{:<14} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}  errors\n",
+        "{:<14} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>8}  errors\n",
         "rpc",
         "offered",
         "achieved",
@@ -574,7 +601,8 @@ pub fn table(reports: &[RunReport]) -> String {
         "p99.9",
         "max ms",
         "srv p50",
-        "srv p99"
+        "srv p99",
+        "gen cpu"
     );
     for r in reports {
         let l = &r.latency_ms;
@@ -594,7 +622,7 @@ pub fn table(reports: &[RunReport]) -> String {
                 .join(",")
         };
         s.push_str(&format!(
-            "{:<14} {:>9.1} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8} {:>10}  {errors}\n",
+            "{:<14} {:>9.1} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8} {:>10} {:>8.2}  {errors}\n",
             match r.config.concurrency {
                 Some(c) => format!("{:?} c={c}", r.config.rpc).to_lowercase(),
                 None => format!("{:?}", r.config.rpc).to_lowercase(),
@@ -608,6 +636,7 @@ pub fn table(reports: &[RunReport]) -> String {
             l.max,
             sp50,
             sp99,
+            r.generator_cpu_cores,
         ));
     }
     s

@@ -4,6 +4,9 @@
 //! - HNSW search at several `ef` (recall@100 vs exact printed alongside)
 //! - the ranker's CPU forward per batch size: plain and factorized
 //! - the in-process pipeline end to end (`Engine::predict`)
+//! - this CPU's measured matmul peak through the same Candle backend (the
+//!   reference the ranker's GFLOP/s is compared with; reported in elem/s =
+//!   FLOP/s)
 //!
 //! The catalogue is `cascade synth` output: `CASCADE_BENCH_ARTIFACT=<version dir>`
 //! uses an existing one (e.g. the 1M-item catalogue); otherwise 100,000 items
@@ -55,6 +58,19 @@ fn benches(c: &mut Criterion) {
     g.bench_function("contains (non-member)", |b| {
         b.iter(|| f.contains(black_box(&3u32)))
     });
+    g.finish();
+
+    // The attainable f32 matmul rate here: square matmuls large enough that
+    // Candle's gemm runs at its best on every core; 2·n³ FLOP each.
+    let mut g = c.benchmark_group("cpu_peak_matmul");
+    for n in [512usize, 1024] {
+        let a = candle_core::Tensor::ones((n, n), candle_core::DType::F32, &Device::Cpu)
+            .expect("tensor");
+        g.throughput(Throughput::Elements(2 * (n as u64).pow(3)));
+        g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| black_box(a.matmul(&a).expect("matmul")))
+        });
+    }
     g.finish();
 
     let (_keep, dir) = artifact();

@@ -202,6 +202,11 @@ fn bench_without_errors(url: &str, artifacts: &Path, json: &Path, rate: u64) {
         serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(runs[0]["errors"], serde_json::json!({}), "{out}");
     assert!(runs[0]["ok"].as_u64().unwrap() >= rate * 9 / 10, "{out}");
+    // The generator's own CPU is measured, and is a fraction of the cores it could use.
+    let cores = runs[0]["generator_cpu_cores"].as_f64().unwrap();
+    let max = std::thread::available_parallelism().map_or(64, |n| n.get()) as f64;
+    assert!(cores > 0.0 && cores <= max + 0.1, "{cores} cores\n{out}");
+    assert!(out.contains("gen cpu"), "{out}");
 }
 
 /// The binary in split roles: retrieval + ranker + gateway processes answer

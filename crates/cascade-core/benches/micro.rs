@@ -143,11 +143,30 @@ fn benches(c: &mut Criterion) {
         });
     }
     g.finish();
+    // Known users of this catalogue (synthetic or real IDs alike).
+    let users: Vec<String> = ranker
+        .artifact
+        .space
+        .user_ids
+        .iter()
+        .take(500)
+        .cloned()
+        .collect();
     drop(ranker);
 
     // The whole in-process pipeline.
     let engine = Engine::load(&dir, &Device::Cpu).expect("engine");
-    let users: Vec<String> = (0..500).map(|u| format!("u{u}")).collect();
+    let first = engine
+        .predict(&PredictRequest {
+            user_id: users[0].clone(),
+            num_results: 10,
+            ..Default::default()
+        })
+        .expect("predict");
+    assert!(
+        !first.cold_start,
+        "the pipeline bench must rank known users"
+    );
     let mut g = c.benchmark_group("pipeline");
     let mut n = 0;
     g.bench_function("predict k=10 of 200 candidates", |b| {

@@ -23,15 +23,20 @@ use tonic::transport::{Channel, Endpoint};
 /// stage Services name theirs the same (checked by scripts/check-chart.py).
 pub const STAGE_PORT_NAME: &str = "grpc";
 
-/// The ready addresses a set of EndpointSlices names for `port_name` (or
-/// their only/first port). An endpoint whose `ready` condition is unset
-/// counts as ready, as the API specifies; terminating endpoints are not ready.
+/// The ready addresses an EndpointSlice names for `port_name` (or its only
+/// port: a single-port Service need not name it; with several, another port
+/// such as metrics must never be taken for gRPC). An endpoint whose `ready`
+/// condition is unset counts as ready, as the API specifies; terminating
+/// endpoints are not ready.
 pub fn ready_addresses(slice: &EndpointSlice, port_name: &str) -> BTreeSet<SocketAddr> {
     let ports = slice.ports.as_deref().unwrap_or_default();
     let port = ports
         .iter()
         .find(|p| p.name.as_deref() == Some(port_name))
-        .or_else(|| ports.first())
+        .or(match ports {
+            [only] => Some(only),
+            _ => None,
+        })
         .and_then(|p| p.port)
         .and_then(|p| u16::try_from(p).ok());
     let Some(port) = port else {
@@ -284,6 +289,25 @@ mod tests {
             .map(|a| a.to_string())
             .collect();
         assert_eq!(got, ["10.0.0.1:50051", "10.0.0.2:50051"]);
+    }
+
+    #[test]
+    fn only_the_named_port_or_a_single_port_is_used() {
+        let mut s = slice("a", 50051, &[("10.0.0.1", Some(true), false)]);
+        let port = |s: &EndpointSlice| {
+            ready_addresses(s, "grpc")
+                .iter()
+                .map(|a| a.port())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(port(&s), [50051]);
+        // Named otherwise: the metrics port must not be taken for gRPC.
+        s.ports.as_mut().unwrap()[1].name = Some("http".into());
+        assert!(port(&s).is_empty());
+        // One unnamed port: that is the one.
+        s.ports.as_mut().unwrap().remove(0);
+        s.ports.as_mut().unwrap()[0].name = None;
+        assert_eq!(port(&s), [50051]);
     }
 
     #[test]

@@ -15,6 +15,32 @@ trap 'rm -rf "$work"' EXIT
   --artifacts "$work/artifacts" --report "$work/report.json" | tee "$work/train.txt"
 "$BIN" verify --artifact "$work/artifacts"
 
+# The served answers, through the gRPC API of a real server on this artifact:
+# no user of the dataset is shown an item they already interacted with,
+# recorded events exclude their items and personalise new users, and every
+# item as a one-item context answers OK (cascade audit exits non-zero otherwise).
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$BIN" serve --artifact "$work/artifacts" --listen "127.0.0.1:$port" --metrics-addr off \
+  --event-log "$work/events.log" >"$work/serve.log" 2>&1 &
+serve_pid=$!
+trap 'kill $serve_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+if ! "$BIN" audit --endpoint "http://127.0.0.1:$port" --data data/ml-100k --wait-secs 120 \
+  --report "$work/audit.json" >/dev/null; then
+  cat "$work/audit.json" 2>/dev/null || true
+  tail -20 "$work/serve.log"
+  exit 1
+fi
+python3 - "$work/audit.json" <<'PY'
+import json, sys
+a = json.load(open(sys.argv[1]))
+assert a["passed"] and a["users_checked"] == 943 and a["already_interacted"] == 0, a
+assert a["context_items_checked"] >= 1682 and a["new_users_with_events"] > 0, a
+print(f"e2e audit ok: {a['users_checked']} users, {a['predict_calls']} Predict calls over gRPC, "
+      f"0 already-interacted items, {a['context_items_checked']} one-item contexts OK")
+PY
+kill -TERM $serve_pid
+wait $serve_pid
+
 python3 - "$work/report.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

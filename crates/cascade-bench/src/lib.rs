@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod audit;
 pub mod plot;
 
 use cascade_server::pb::cascade_client::CascadeClient;

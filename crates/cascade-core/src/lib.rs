@@ -12,6 +12,7 @@ mod engine;
 pub mod events;
 mod handle;
 pub mod metrics;
+pub mod served_eval;
 
 pub use batch::{BatchConfig, BatchRun, CallCtx};
 pub use engine::{Engine, EngineConfig};
@@ -145,10 +146,9 @@ pub struct ScoredItem {
     pub item_id: String,
     pub title: String,
     /// The cascade's ordering score (higher is better); on the cold-start
-    /// path, the item's training interaction count, or its similarity to the
-    /// context items when context steered retrieval.
+    /// path, the item's interaction count in the data the artifact was built from.
     pub score: f32,
-    /// Two-tower score between user (or context) and item (NaN when popularity answered).
+    /// Two-tower score between user and item (NaN when popularity answered).
     pub retrieval_score: f32,
     /// The ranker's rating head (NaN on the cold-start path).
     pub predicted_rating: f32,
@@ -180,7 +180,7 @@ pub enum Stage {
     UserState { cache: CacheUse },
     /// Candidate generation: the HNSW walk with the seen-set Bloom filter and
     /// exclusions as its predicate, then popularity filling any shortfall
-    /// (for unknown users, popularity or the context's neighbours).
+    /// (popularity alone when there is no personal signal).
     Retrieval {
         candidates: u32,
         bloom_checked: u32,
@@ -202,7 +202,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    /// Retrieval for an unknown user: popularity or the context's neighbours.
+    /// Retrieval with no personal signal: popularity.
     pub fn cold_retrieval(candidates: usize) -> Self {
         Stage::Retrieval {
             candidates: candidates as u32,
@@ -348,11 +348,42 @@ impl StageTimings {
     }
 }
 
+/// Which personal signal an answer was built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PersonalizedBy {
+    /// The user's interactions in the training data (and any recorded since).
+    History,
+    /// A user unknown to the model, through their recorded events (and any context).
+    Events,
+    /// A user unknown to the model with no events, through the request's context items.
+    Context,
+    /// No personal signal: the most popular items.
+    Popularity,
+}
+
+impl PersonalizedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PersonalizedBy::History => "history",
+            PersonalizedBy::Events => "events",
+            PersonalizedBy::Context => "context",
+            PersonalizedBy::Popularity => "popularity",
+        }
+    }
+
+    /// `cold_start` in the API: no personal signal was available.
+    pub fn is_cold_start(self) -> bool {
+        self == PersonalizedBy::Popularity
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PredictResponse {
     pub items: Vec<ScoredItem>,
-    /// True when the user is unknown and popularity (or context) answered.
+    /// True when no personal signal was available (neither training history,
+    /// recorded events nor context) and popularity answered.
     pub cold_start: bool,
+    pub personalized_by: PersonalizedBy,
     pub model_version: String,
     pub timings: StageTimings,
     /// Whether the user's state came from the cache.
@@ -366,6 +397,7 @@ pub struct PredictResponse {
 pub struct RankResponse {
     pub items: Vec<ScoredItem>,
     pub cold_start: bool,
+    pub personalized_by: PersonalizedBy,
     pub model_version: String,
     /// Every stage as measured, in order.
     pub stages: Vec<StageSpan>,

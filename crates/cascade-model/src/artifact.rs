@@ -12,7 +12,7 @@ use crate::ModelError;
 
 pub const MANIFEST: &str = "manifest.json";
 /// Bumped whenever the layout or a file's meaning changes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HnswParams {

@@ -1,10 +1,15 @@
 //! The item index: HNSW (`hnsw_rs`) over L2-normalised item vectors with
 //! dot-product distance, plus exact search to measure its recall.
+//!
+//! The distance is [`ClampedDot`], not anndists' `DistDot`: `DistDot`
+//! asserts `1 − dot ≥ 0`, and two unit vectors that are (nearly) the same
+//! give a dot a rounding error above 1, so a query equal to an item (a
+//! one-item context) panicked inside the graph walk.
 
 use std::path::Path;
 
 use hnsw_rs::api::AnnT;
-use hnsw_rs::prelude::{DistDot, Hnsw, HnswIo};
+use hnsw_rs::prelude::{Distance, Hnsw, HnswIo};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -44,8 +49,42 @@ impl Default for IndexParams {
     }
 }
 
+/// `1 − a·b`, clamped to `[0, 2]`: cosine distance for unit vectors that
+/// tolerates their rounding (see the module docs). Summed in eight lanes so
+/// the compiler vectorises it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ClampedDot;
+
+impl Distance<f32> for ClampedDot {
+    fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
+        (1.0 - dot(va, vb)).clamp(0.0, 2.0)
+    }
+}
+
+/// Dot product in eight independent accumulators.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `v / |v|`, or `None` for a zero or non-finite vector (no direction to search).
+pub fn normalized(v: &[f32]) -> Option<Vec<f32>> {
+    let norm = dot(v, v).sqrt();
+    (norm.is_finite() && norm > 0.0).then(|| v.iter().map(|x| x / norm).collect())
+}
+
 pub struct ItemIndex {
-    hnsw: Hnsw<'static, f32, DistDot>,
+    hnsw: Hnsw<'static, f32, ClampedDot>,
     pub dim: usize,
     pub len: usize,
     pub params: IndexParams,
@@ -69,12 +108,12 @@ impl ItemIndex {
                 expected: dim,
             });
         }
-        let mut hnsw = Hnsw::<f32, DistDot>::new(
+        let mut hnsw = Hnsw::<f32, ClampedDot>::new(
             params.max_nb_connection,
             vectors.len(),
             params.max_layer,
             params.ef_construction,
-            DistDot {},
+            ClampedDot,
         );
         let data: Vec<(&Vec<f32>, usize)> =
             vectors.iter().enumerate().map(|(i, v)| (v, i)).collect();
@@ -88,14 +127,23 @@ impl ItemIndex {
         })
     }
 
-    /// Top-`k` items by dot product; `keep` (when given) is evaluated inside the
-    /// graph walk, so filtered-out items never take a result slot.
+    /// Top-`k` items by dot product with the query's direction (it is
+    /// re-normalised; a zero, non-finite or wrongly sized query finds
+    /// nothing); `keep` (when given) is evaluated inside the graph walk, so
+    /// filtered-out items never take a result slot.
     pub fn search(
         &self,
         query: &[f32],
         k: usize,
         keep: Option<&dyn Fn(usize) -> bool>,
     ) -> Vec<Hit> {
+        if query.len() != self.dim || k == 0 {
+            return Vec::new();
+        }
+        let Some(query) = normalized(query) else {
+            return Vec::new();
+        };
+        let query = query.as_slice();
         let ef = self.params.ef_search.max(k);
         let res = match keep {
             Some(f) => {
@@ -125,7 +173,7 @@ impl ItemIndex {
         // a few paths and options (data is copied, not memory-mapped), so it is
         // leaked once per load to give the index a 'static lifetime.
         let io: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, INDEX_BASENAME)));
-        let mut hnsw: Hnsw<'static, f32, DistDot> = io
+        let mut hnsw: Hnsw<'static, f32, ClampedDot> = io
             .load_hnsw()
             .map_err(|e| IndexError::Hnsw(format!("{}: {e}", dir.display())))?;
         hnsw.set_searching_mode(true);
@@ -235,6 +283,35 @@ mod tests {
             .map(|h| h.item)
             .collect();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn every_item_as_its_own_query_finds_itself_without_panicking() {
+        // Unit vectors whose self-dot rounds above 1 made DistDot assert;
+        // duplicates and a non-unit query must work too.
+        let mut items = unit_vectors(500, 64, 7);
+        items.push(items[3].clone());
+        let idx = ItemIndex::build(&items, IndexParams::default()).unwrap();
+        let above_one = items.iter().filter(|v| dot(v, v) > 1.0).count();
+        assert!(above_one > 0, "the test set must hold a self-dot above 1");
+        for (i, v) in items.iter().enumerate() {
+            let hits = idx.search(v, 5, None);
+            assert_eq!(hits.len(), 5);
+            assert!(hits.iter().any(|h| h.item == i) || i == 3 || i == 500);
+            assert!(hits.iter().all(|h| (-1.0..=1.0).contains(&h.score)));
+        }
+        let scaled: Vec<f32> = items[10].iter().map(|x| x * 3.0).collect();
+        assert_eq!(idx.search(&scaled, 1, None)[0].item, 10);
+        assert!(idx.search(&[0.0; 64], 5, None).is_empty());
+        assert!(idx.search(&[1.0; 3], 5, None).is_empty());
+    }
+
+    #[test]
+    fn eight_lane_dot_matches_the_plain_sum() {
+        let a: Vec<f32> = (0..67).map(|i| i as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..67).map(|i| 1.0 - i as f32 * 0.01).collect();
+        let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - plain).abs() < 1e-3 * plain.abs());
     }
 
     #[test]

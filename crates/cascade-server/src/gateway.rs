@@ -182,52 +182,56 @@ impl Gateway {
             item_ids,
             context: r.context.clone(),
         };
-        let (mut items, cold_start, model_version, ranked) = if r.candidate_item_ids.is_empty() {
-            let (got, took) = self
-                .retrieve_call(
-                    cx,
-                    expires,
-                    pb::RetrieveRequest {
-                        user_id: r.user_id.clone(),
-                        num_candidates: r.num_candidates,
-                        exclude_item_ids: r.exclude_item_ids.clone(),
-                        context: r.context.clone(),
-                        min_candidates: r.num_results,
-                    },
-                )
-                .await?;
-            retrieval_us = micros(took);
-            if got.cold_start || got.items.is_empty() {
-                // Popularity or context answered: already in final order.
-                (got.items, got.cold_start, got.model_version, false)
+        let (mut items, (cold_start, personalized_by), model_version, ranked) =
+            if r.candidate_item_ids.is_empty() {
+                let (got, took) = self
+                    .retrieve_call(
+                        cx,
+                        expires,
+                        pb::RetrieveRequest {
+                            user_id: r.user_id.clone(),
+                            num_candidates: r.num_candidates,
+                            exclude_item_ids: r.exclude_item_ids.clone(),
+                            context: r.context.clone(),
+                            min_candidates: r.num_results,
+                        },
+                    )
+                    .await?;
+                retrieval_us = micros(took);
+                if got.cold_start || got.items.is_empty() {
+                    // Popularity or context answered: already in final order.
+                    let by = (got.cold_start, got.personalized_by);
+                    (got.items, by, got.model_version, false)
+                } else {
+                    let ids = got.items.into_iter().map(|it| it.item_id).collect();
+                    let (out, took) = self.rank_call(cx, expires, rank(ids)).await?;
+                    ranking_us = micros(took);
+                    let by = (out.cold_start, out.personalized_by);
+                    (out.items, by, out.model_version, true)
+                }
             } else {
-                let ids = got.items.into_iter().map(|it| it.item_id).collect();
-                let (out, took) = self.rank_call(cx, expires, rank(ids)).await?;
+                // Deduplicated, order kept; unknown IDs are the ranker's to reject
+                // (before exclusions, as in process), exclusions are dropped after.
+                let mut seen = HashSet::new();
+                let ids: Vec<String> = r
+                    .candidate_item_ids
+                    .iter()
+                    .filter(|id| seen.insert(id.as_str()))
+                    .cloned()
+                    .collect();
+                let (out, took) = self
+                    .rank_call(cx, expires, rank(ids))
+                    .await
+                    .map_err(as_candidates)?;
                 ranking_us = micros(took);
-                (out.items, out.cold_start, out.model_version, true)
-            }
-        } else {
-            // Deduplicated, order kept; unknown IDs are the ranker's to reject
-            // (before exclusions, as in process), exclusions are dropped after.
-            let mut seen = HashSet::new();
-            let ids: Vec<String> = r
-                .candidate_item_ids
-                .iter()
-                .filter(|id| seen.insert(id.as_str()))
-                .cloned()
-                .collect();
-            let (out, took) = self
-                .rank_call(cx, expires, rank(ids))
-                .await
-                .map_err(as_candidates)?;
-            ranking_us = micros(took);
-            let items = out
-                .items
-                .into_iter()
-                .filter(|it| !exclude.contains(it.item_id.as_str()))
-                .collect();
-            (items, out.cold_start, out.model_version, true)
-        };
+                let items = out
+                    .items
+                    .into_iter()
+                    .filter(|it| !exclude.contains(it.item_id.as_str()))
+                    .collect();
+                let by = (out.cold_start, out.personalized_by);
+                (items, by, out.model_version, true)
+            };
         let merge_start = Instant::now();
         if ranked {
             // Best first; equal scores keep candidate order (as in process).
@@ -246,6 +250,7 @@ impl Gateway {
                 items,
                 model_version,
                 cold_start,
+                personalized_by,
                 timings: Some(pb::StageTimings {
                     user_state_us: 0,
                     retrieval_us,

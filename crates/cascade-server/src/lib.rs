@@ -240,10 +240,15 @@ impl CascadeService {
             None => work.await,
         };
         guard.disarm();
-        joined
-            .map_err(|e| Status::internal(format!("model worker failed: {e}")))?
-            .map_err(to_status)
+        joined.map_err(worker_failed)?.map_err(to_status)
     }
+}
+
+/// A request's blocking task died (a panic): the details go to the log, the
+/// caller gets a generic INTERNAL (a panic message is no part of the API).
+fn worker_failed(e: tokio::task::JoinError) -> Status {
+    tracing::error!("a request's model work failed: {e}");
+    Status::internal("internal error while serving the request")
 }
 
 fn opt(v: f32) -> Option<f32> {
@@ -265,6 +270,17 @@ fn items_to_pb(r: cascade_core::RankResponse) -> pb::ScoredItems {
         items: r.items.into_iter().map(to_pb).collect(),
         model_version: r.model_version,
         cold_start: r.cold_start,
+        personalized_by: personalized_pb(r.personalized_by) as i32,
+    }
+}
+
+fn personalized_pb(by: cascade_core::PersonalizedBy) -> pb::PersonalizedBy {
+    use cascade_core::PersonalizedBy as P;
+    match by {
+        P::History => pb::PersonalizedBy::History,
+        P::Events => pb::PersonalizedBy::Events,
+        P::Context => pb::PersonalizedBy::Context,
+        P::Popularity => pb::PersonalizedBy::Popularity,
     }
 }
 
@@ -346,6 +362,7 @@ impl CascadeService {
                 items: resp.items.into_iter().map(to_pb).collect(),
                 model_version: resp.model_version,
                 cold_start: resp.cold_start,
+                personalized_by: personalized_pb(resp.personalized_by) as i32,
                 timings: Some(timings_pb(resp.timings)),
             },
             resp.stages,
@@ -484,7 +501,7 @@ impl CascadeService {
             handle.reload(Some(version.as_str()).filter(|v| !v.is_empty()))
         })
         .await
-        .map_err(|e| Status::internal(format!("reload failed: {e}")));
+        .map_err(worker_failed);
         let r = r.and_then(|r| r.map_err(to_status));
         if let Some(m) = &self.tel.metrics {
             let result = match &r {

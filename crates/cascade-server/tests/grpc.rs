@@ -37,6 +37,10 @@ async fn grpc_round_trip() {
     assert_eq!(resp.items.len(), 7);
     assert_eq!(resp.model_version, version);
     assert!(!resp.cold_start);
+    assert_eq!(
+        resp.personalized_by,
+        cascade_server::pb::PersonalizedBy::History as i32
+    );
     assert!(resp.items.windows(2).all(|w| w[0].score >= w[1].score));
     assert!(resp
         .items
@@ -50,6 +54,10 @@ async fn grpc_round_trip() {
         .unwrap()
         .into_inner();
     assert!(cold.cold_start);
+    assert_eq!(
+        cold.personalized_by,
+        cascade_server::pb::PersonalizedBy::Popularity as i32
+    );
     assert!(cold.items.iter().all(|it| it.retrieval_score.is_none()));
 
     for (req, field) in [
@@ -411,6 +419,7 @@ async fn split_roles_return_what_all_returns() {
         };
         assert_eq!(ids(&got), ids(&want), "{req:?}");
         assert_eq!(got.cold_start, want.cold_start, "{req:?}");
+        assert_eq!(got.personalized_by, want.personalized_by, "{req:?}");
         assert_eq!(got.model_version, want.model_version);
         for (x, y) in got.items.iter().zip(&want.items) {
             assert!(

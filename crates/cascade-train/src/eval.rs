@@ -70,8 +70,26 @@ pub struct RatingReport {
     pub curves: Vec<Curve>,
 }
 
+/// What a set of models was trained on; the artifact's manifest records it
+/// (`metrics.served_models`) beside the evaluation numbers, which belong to
+/// the models trained on the evaluation split.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainedOn {
+    /// Interactions the models were fitted on.
+    pub interactions: usize,
+    /// Interactions held out for early stopping (0 for a refit on all data).
+    pub validation: usize,
+    /// Epochs the two-tower and the ranker ran (a refit runs the epochs the
+    /// evaluation run chose on validation).
+    pub two_tower_epochs: usize,
+    pub ranker_epochs: usize,
+    /// `"evaluation split"`, `"all interactions"` or `"synthetic"`.
+    pub data: String,
+}
+
 /// The models of one protocol run, kept so `cascade train` can ship them.
 pub struct Models {
+    pub trained_on: TrainedOn,
     pub space: FeatureSpace,
     pub tables: Tables,
     pub two_tower: TrainedTwoTower,
@@ -174,7 +192,24 @@ pub fn train_models(
         dim: cfg.two_tower.dim,
     };
     let ranker = train::train_ranker(&space, &tables, &data, &valid_triples, cfg, dev)?;
+    if cfg.user_dropout <= 0.0 {
+        train::fill_unknown_slots(&two_tower.varmap, &space)?;
+        train::fill_unknown_slots(&ranker.varmap, &space)?;
+    }
+    let trained_on = TrainedOn {
+        interactions: train_idx.len(),
+        validation: valid_idx.len(),
+        two_tower_epochs: two_tower.curve.train_loss.len(),
+        ranker_epochs: ranker.curve.train_loss.len(),
+        data: if valid_idx.is_empty() {
+            "all interactions"
+        } else {
+            "evaluation split"
+        }
+        .into(),
+    };
     Ok(Models {
+        trained_on,
         space,
         tables,
         two_tower,
@@ -183,6 +218,29 @@ pub fn train_models(
         item_vecs,
         cascade_weights: CascadeWeights::default(),
     })
+}
+
+/// Refit the shipped models on every interaction of `ds`: the same
+/// training, with the epoch counts the evaluation run chose on validation
+/// (its best epochs) and no early stopping, and its cascade weights. The
+/// seen sets, histories and popularity of the returned feature space cover
+/// all interactions too.
+pub fn refit_all(
+    ds: &Dataset,
+    text: &[Vec<f32>],
+    cfg: &TrainConfig,
+    evaluated: &Models,
+    dev: &Device,
+) -> Result<(Models, TrainConfig), TrainError> {
+    let cfg = TrainConfig {
+        tt_epochs: evaluated.two_tower.curve.best_epoch + 1,
+        ranker_epochs: evaluated.ranker.curve.best_epoch + 1,
+        ..cfg.clone()
+    };
+    let all: Vec<usize> = (0..ds.interactions.len()).collect();
+    let mut models = train_models(ds, text, &all, &[], &cfg, dev)?;
+    models.cascade_weights = evaluated.cascade_weights;
+    Ok((models, cfg))
 }
 
 impl Models {

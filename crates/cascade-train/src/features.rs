@@ -142,6 +142,28 @@ impl FeatureSpace {
         }
     }
 
+    /// The categorical indices of a user with no known features: each
+    /// column's "missing" entry (index 0 of its vocabulary).
+    pub fn unknown_user_cats(&self) -> Vec<u32> {
+        let mut offset = 0u32;
+        self.user_columns
+            .iter()
+            .map(|(_, vocab)| {
+                let ix = offset;
+                offset += vocab.len() as u32;
+                ix
+            })
+            .collect()
+    }
+
+    /// Every known user's categorical indices, then the unknown user's (at
+    /// index `num_users`, the models' unknown-user slot).
+    pub fn serving_user_cats(&self) -> Vec<Vec<u32>> {
+        let mut v = self.user_cats.clone();
+        v.push(self.unknown_user_cats());
+        v
+    }
+
     pub fn year_bucket(&self, year: Option<i32>) -> u32 {
         match year {
             Some(y) => {
@@ -154,7 +176,11 @@ impl FeatureSpace {
 }
 
 /// All items' inputs resident as tensors, plus all users' inputs for batching.
+/// User rows run `0..=num_users`: the last is the unknown user (ID slot
+/// `num_users`, every categorical "missing", empty history), so a new user's
+/// inputs are one row lookup away like anyone else's.
 pub struct Tables {
+    pub num_users: usize,
     pub items: ItemInputs,
     pub user_ids: Tensor,
     pub user_cats: Option<Tensor>,
@@ -202,9 +228,10 @@ impl Tables {
             text: Tensor::from_vec(flat, (n, td), dev)?,
         };
         let nu = space.dims.num_users;
+        let rows = nu + 1;
         let l = space.dims.history_len.max(1);
-        let mut hist = vec![0u32; nu * l];
-        let mut hist_w = vec![0f32; nu * l];
+        let mut hist = vec![0u32; rows * l];
+        let mut hist_w = vec![0f32; rows * l];
         for (u, h) in space.user_history.iter().enumerate() {
             for (j, &it) in h.iter().enumerate() {
                 hist[u * l + j] = it;
@@ -213,31 +240,44 @@ impl Tables {
         }
         let c = space.user_columns.len();
         let user_cats = if c > 0 {
-            let flat: Vec<u32> = space.user_cats.iter().flatten().copied().collect();
-            Some(Tensor::from_vec(flat, (nu, c), dev)?)
+            let flat: Vec<u32> = space.serving_user_cats().into_iter().flatten().collect();
+            Some(Tensor::from_vec(flat, (rows, c), dev)?)
         } else {
             None
         };
         Ok(Self {
+            num_users: nu,
             items,
-            user_ids: Tensor::arange(0u32, nu as u32, dev)?,
+            user_ids: Tensor::arange(0u32, rows as u32, dev)?,
             user_cats,
-            user_hist: Tensor::from_vec(hist, (nu, l), dev)?,
-            user_hist_w: Tensor::from_vec(hist_w, (nu, l), dev)?,
+            user_hist: Tensor::from_vec(hist, (rows, l), dev)?,
+            user_hist_w: Tensor::from_vec(hist_w, (rows, l), dev)?,
+        })
+    }
+
+    /// User inputs whose ID and categoricals come from `id_rows` and whose
+    /// history comes from `hist_rows` (training replaces some users' ID and
+    /// features by the unknown user's, keeping their history, so the models
+    /// learn to serve a user known only by what they interacted with).
+    pub fn users_split(
+        &self,
+        id_rows: &Tensor,
+        hist_rows: &Tensor,
+    ) -> candle_core::Result<UserInputs> {
+        Ok(UserInputs {
+            ids: self.user_ids.index_select(id_rows, 0)?,
+            cats: self
+                .user_cats
+                .as_ref()
+                .map(|c| c.index_select(id_rows, 0))
+                .transpose()?,
+            hist: self.user_hist.index_select(hist_rows, 0)?,
+            hist_w: self.user_hist_w.index_select(hist_rows, 0)?,
         })
     }
 
     /// User inputs for the given user indices.
     pub fn users(&self, idx: &Tensor) -> candle_core::Result<UserInputs> {
-        Ok(UserInputs {
-            ids: self.user_ids.index_select(idx, 0)?,
-            cats: self
-                .user_cats
-                .as_ref()
-                .map(|c| c.index_select(idx, 0))
-                .transpose()?,
-            hist: self.user_hist.index_select(idx, 0)?,
-            hist_w: self.user_hist_w.index_select(idx, 0)?,
-        })
+        self.users_split(idx, idx)
     }
 }

@@ -79,6 +79,9 @@ pub struct EvalReport {
     pub ranking: RankingReport,
     pub rating: Option<RatingReport>,
     pub seconds: f64,
+    /// Wall time of the refit on all interactions (0 when there was none).
+    #[serde(default)]
+    pub refit_seconds: f64,
 }
 
 /// Run both protocols. Returns the report and the ranking-protocol models (the ones an artifact ships).
@@ -107,6 +110,7 @@ pub fn evaluate(
             ranking,
             rating,
             seconds: t0.elapsed().as_secs_f64(),
+            refit_seconds: 0.0,
         },
         models,
     ))
@@ -195,6 +199,8 @@ pub fn write_artifact(
         let mut metrics = serde_json::to_value(summary(report))
             .map_err(|e| TrainError::Invalid(e.to_string()))?;
         metrics["hnsw_build_seconds"] = build_s.into();
+        metrics["served_models"] = serde_json::to_value(&models.trained_on)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?;
         manifest = Some(
             Manifest {
                 format_version: FORMAT_VERSION,
@@ -228,8 +234,11 @@ pub struct RunOptions {
     pub index: IndexParams,
 }
 
-/// The whole offline pipeline after embedding: evaluate (training the shipped
-/// models), then write a sealed artifact version under `root`.
+/// The whole offline pipeline after embedding: evaluate on the split
+/// (choosing epochs and cascade weights on validation), refit the shipped
+/// models on every interaction with those choices, then write a sealed
+/// artifact version under `root`. The report's numbers are the split
+/// models'; the manifest's `served_models` says what the shipped ones saw.
 pub fn train_artifact(
     root: &Path,
     ds: &Dataset,
@@ -238,8 +247,12 @@ pub fn train_artifact(
     opts: &RunOptions,
     dev: &Device,
 ) -> Result<(EvalReport, PathBuf, Manifest), TrainError> {
-    let (report, models) = evaluate(ds, text, cfg, opts.candidates, opts.with_rating, dev)?;
-    let serving = ServingConfig::for_models(cfg, &models, opts.candidates);
+    let (mut report, evaluated) = evaluate(ds, text, cfg, opts.candidates, opts.with_rating, dev)?;
+    let t0 = Instant::now();
+    let (models, refit_cfg) = eval::refit_all(ds, text, cfg, &evaluated, dev)?;
+    drop(evaluated);
+    report.refit_seconds = t0.elapsed().as_secs_f64();
+    let serving = ServingConfig::for_models(&refit_cfg, &models, opts.candidates);
     let (dir, manifest) = write_artifact(root, ds, text, &models, &report, &serving, opts.index)?;
     Ok((report, dir, manifest))
 }
@@ -282,7 +295,7 @@ fn build_index(
         ef_construction: params.ef_construction,
         max_layer: params.max_layer,
         ef_search: params.ef_search,
-        distance: "dot (1 - cosine on L2-normalised vectors)".into(),
+        distance: "1 - dot, clamped to [0, 2] (cosine on L2-normalised vectors)".into(),
         recall_at_100: recall,
     };
     Ok((hnsw, build_s))

@@ -154,6 +154,11 @@ pub fn synth_artifact(
         retrieval: 1.0,
     };
     let models = Models {
+        trained_on: crate::eval::TrainedOn {
+            interactions: ds.interactions.len(),
+            data: "synthetic".into(),
+            ..Default::default()
+        },
         space,
         tables,
         two_tower: TrainedTwoTower {
@@ -189,6 +194,7 @@ pub fn synth_artifact(
         },
         rating: None,
         seconds: 0.0,
+        refit_seconds: 0.0,
     };
     let serving = ServingConfig::for_models(&train, &models, cfg.candidates);
     let generate_seconds = t0.elapsed().as_secs_f64();

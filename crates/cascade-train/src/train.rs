@@ -6,7 +6,9 @@ use std::collections::HashSet;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use cascade_model::nn::{BprMf, PairInputs, Ranker, RankerConfig, TwoTower, TwoTowerConfig};
+use cascade_model::nn::{
+    BprMf, PairInputs, Ranker, RankerConfig, TwoTower, TwoTowerConfig, UserInputs,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -37,6 +39,11 @@ pub struct TrainConfig {
     pub bpr_l2: f64,
     pub patience: usize,
     pub history_len: usize,
+    /// Share of training rows whose user ID and features are replaced by the
+    /// unknown user's (history kept): trains the unknown-user slot that
+    /// serves users the model never saw, from their events and context.
+    #[serde(default)]
+    pub user_dropout: f64,
     pub progress: bool,
 }
 
@@ -60,6 +67,7 @@ impl Default for TrainConfig {
             bpr_l2: 1e-4,
             patience: 3,
             history_len: 20,
+            user_dropout: 0.1,
             progress: true,
         }
     }
@@ -83,6 +91,13 @@ pub struct Holdout<'a> {
     pub seen: &'a [HashSet<u32>],
     /// Per user: held-out items.
     pub relevant: &'a [HashSet<u32>],
+}
+
+impl Holdout<'_> {
+    /// Whether any user has held-out items (a refit on all data has none).
+    pub fn is_usable(&self) -> bool {
+        self.relevant.iter().any(|r| !r.is_empty())
+    }
 }
 
 fn finish(pb: &ProgressBar, curve: &mut Curve, t0: std::time::Instant) {
@@ -152,6 +167,63 @@ pub fn recall_at_10(scores: &[f32], n_items: usize, h: &Holdout) -> f64 {
     metrics::mean(&per_user).recall
 }
 
+/// Row indices for the user ID/features of `users`: each is, with
+/// probability `p`, the unknown user (`num_users`).
+fn dropped_ids(users: &[u32], num_users: usize, p: f64, rng: &mut ChaCha8Rng) -> Vec<u32> {
+    users
+        .iter()
+        .map(|&u| {
+            if p > 0.0 && rng.random_bool(p.min(1.0)) {
+                num_users as u32
+            } else {
+                u
+            }
+        })
+        .collect()
+}
+
+/// User tower inputs for a training batch. A `p` share of rows become the
+/// unknown user (ID and features) with only the most recent 1..=all items
+/// of their history, drawn uniformly: a user the model never saw arrives with
+/// a handful of events, and the slot must learn to serve them from those.
+fn dropout_users(
+    space: &FeatureSpace,
+    tables: &Tables,
+    users: &[u32],
+    p: f64,
+    rng: &mut ChaCha8Rng,
+    dev: &Device,
+) -> Result<UserInputs, TrainError> {
+    let ids = dropped_ids(users, space.dims.num_users, p, rng);
+    let l = space.dims.history_len.max(1);
+    let n = users.len();
+    let mut hist = vec![0u32; n * l];
+    let mut hist_w = vec![0f32; n * l];
+    for (r, (&u, &id)) in users.iter().zip(&ids).enumerate() {
+        let h = &space.user_history[u as usize];
+        let len = if id != u && h.len() > 1 {
+            rng.random_range(1..=h.len())
+        } else {
+            h.len()
+        };
+        for (j, &it) in h.iter().take(len).enumerate() {
+            hist[r * l + j] = it;
+            hist_w[r * l + j] = 1.0 / len as f32;
+        }
+    }
+    let id_idx = Tensor::from_vec(ids, n, dev)?;
+    Ok(UserInputs {
+        ids: tables.user_ids.index_select(&id_idx, 0)?,
+        cats: tables
+            .user_cats
+            .as_ref()
+            .map(|c| c.index_select(&id_idx, 0))
+            .transpose()?,
+        hist: Tensor::from_vec(hist, (n, l), dev)?,
+        hist_w: Tensor::from_vec(hist_w, (n, l), dev)?,
+    })
+}
+
 pub struct TrainedTwoTower {
     pub varmap: VarMap,
     pub model: TwoTower,
@@ -164,8 +236,7 @@ pub fn tower_embeddings(
     tables: &Tables,
     dev: &Device,
 ) -> Result<(Tensor, Tensor), TrainError> {
-    let n_users = tables.user_ids.dim(0)?;
-    let all = Tensor::arange(0u32, n_users as u32, dev)?;
+    let all = Tensor::arange(0u32, tables.num_users as u32, dev)?;
     Ok((
         model.user(&tables.users(&all)?)?,
         model.item(&tables.items)?,
@@ -208,15 +279,18 @@ pub fn train_two_tower(
     let (mut best, mut best_snap, mut since_best) = (f64::NEG_INFINITY, None, 0);
     let n_items = space.dims.num_items;
     let n_users = space.dims.num_users;
+    // Without held-out items there is nothing to stop on: recall over no
+    // users is 0 every epoch, and "best" would silently be epoch 0.
+    let validate = holdout.is_usable();
     for epoch in 0..cfg.tt_epochs {
         order.shuffle(&mut rng);
         let mut total = 0.0;
         for chunk in order.chunks(cfg.tt_batch) {
             let users: Vec<u32> = chunk.iter().map(|&i| train[i].0).collect();
             let items: Vec<u32> = chunk.iter().map(|&i| train[i].1).collect();
-            let uidx = Tensor::from_vec(users, chunk.len(), dev)?;
+            let inputs = dropout_users(space, tables, &users, cfg.user_dropout, &mut rng, dev)?;
             let target = Tensor::from_vec(items, chunk.len(), dev)?;
-            let u = model.user(&tables.users(&uidx)?)?;
+            let u = model.user(&inputs)?;
             let v = model.item(&tables.items)?;
             let logits = (u.matmul(&v.t()?)? * inv_t)?;
             let loss = cascade_model::ops::cross_entropy(&logits, &target)?;
@@ -224,12 +298,18 @@ pub fn train_two_tower(
             total += loss.to_scalar::<f32>()? as f64;
             pb.inc(1);
         }
+        let loss = total / steps as f64;
+        curve.train_loss.push(loss);
+        if !validate {
+            // A refit on all data: every configured epoch runs, the last one is kept.
+            curve.best_epoch = epoch;
+            pb.set_message(format!("epoch {epoch} loss {loss:.4}"));
+            continue;
+        }
         let (u, v) = tower_embeddings(&model, tables, dev)?;
         let scores: Vec<f32> = u.matmul(&v.t()?)?.flatten_all()?.to_vec1()?;
         debug_assert_eq!(scores.len(), n_users * n_items);
         let r = recall_at_10(&scores, n_items, holdout);
-        let loss = total / steps as f64;
-        curve.train_loss.push(loss);
         curve.valid_metric.push(r);
         pb.set_message(format!("epoch {epoch} loss {loss:.4} valid R@10 {r:.4}"));
         if r > best {
@@ -336,10 +416,12 @@ impl RankerData<'_> {
 }
 
 /// One ranker step's loss: MSE on the positives' ratings + BCE on engagement.
+/// `id_rows` (when given) replaces the rows' user ID/features (see [`dropped_ids`]).
 fn ranker_loss(
     model: &Ranker,
     tables: &Tables,
     rows: &(Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>),
+    id_rows: Option<Vec<u32>>,
     ratings: &[f32],
     dev: &Device,
 ) -> Result<(Tensor, Tensor), TrainError> {
@@ -349,7 +431,10 @@ fn ranker_loss(
     let iidx = Tensor::from_vec(rows.1.clone(), n, dev)?;
     let tt = Tensor::from_vec(rows.2.clone(), (n, 1), dev)?;
     let labels = Tensor::from_vec(rows.3.clone(), n, dev)?;
-    let users = tables.users(&uidx)?;
+    let users = match id_rows {
+        Some(ids) => tables.users_split(&Tensor::from_vec(ids, n, dev)?, &uidx)?,
+        None => tables.users(&uidx)?,
+    };
     let items = tables.items.select(&iidx)?;
     let out = model.forward(&PairInputs {
         user: &users,
@@ -404,20 +489,23 @@ pub fn train_ranker(
             let pos: Vec<(u32, u32, f32)> = chunk.iter().map(|&i| data.train[i]).collect();
             let ratings: Vec<f32> = pos.iter().map(|x| x.2).collect();
             let rows = data.rows(&pos, space.dims.num_items, &mut rng);
-            let (mse, bce) = ranker_loss(&model, tables, &rows, &ratings, dev)?;
+            let ids = dropped_ids(&rows.0, space.dims.num_users, cfg.user_dropout, &mut rng);
+            let (mse, bce) = ranker_loss(&model, tables, &rows, Some(ids), &ratings, dev)?;
             let loss = (mse + bce)?;
             opt.backward_step(&loss)?;
             total += loss.to_scalar::<f32>()? as f64;
             pb.inc(1);
         }
-        let v = if valid.is_empty() {
-            total / steps as f64
-        } else {
-            let (mse, bce) = ranker_loss(&model, tables, &vrows, &vratings, dev)?;
-            (mse.to_scalar::<f32>()? + bce.to_scalar::<f32>()?) as f64
-        };
         let loss = total / steps as f64;
         curve.train_loss.push(loss);
+        if valid.is_empty() {
+            // A refit on all data: every configured epoch runs, the last one is kept.
+            curve.best_epoch = epoch;
+            pb.set_message(format!("epoch {epoch} loss {loss:.4}"));
+            continue;
+        }
+        let (mse, bce) = ranker_loss(&model, tables, &vrows, None, &vratings, dev)?;
+        let v = (mse.to_scalar::<f32>()? + bce.to_scalar::<f32>()?) as f64;
         curve.valid_metric.push(v);
         pb.set_message(format!("epoch {epoch} loss {loss:.4} valid {v:.4}"));
         if v < best {
@@ -599,4 +687,65 @@ impl SqNorm for candle_nn::Embedding {
 }
 fn model_item_sq(m: &BprMf, idx: &Tensor) -> candle_core::Result<Tensor> {
     m.item.forward_sq(idx)
+}
+
+/// Give the models' unknown-user slot (ID row `num_users`, and each user
+/// column's "missing" entry when no known user has it) the population mean
+/// of the trained rows, frequency-weighted for categoricals: the fallback
+/// when training ran without `user_dropout`, which is what trains the slot
+/// (without either, it would keep its random initialisation). Works on both
+/// models' varmaps (same table names).
+pub fn fill_unknown_slots(varmap: &VarMap, space: &FeatureSpace) -> Result<(), TrainError> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
+    let nu = space.dims.num_users;
+    for name in ["user_id_emb.weight", "user_bias_emb.weight"] {
+        let Some(var) = data.get(name) else { continue };
+        let t = var.as_tensor();
+        if t.dim(0)? != nu + 1 || nu == 0 {
+            continue;
+        }
+        let known = t.narrow(0, 0, nu)?;
+        let mean = known.mean_keepdim(0)?;
+        var.set(&Tensor::cat(&[&known, &mean], 0)?)?;
+    }
+    if let Some(var) = data.get("user_cat_emb.weight") {
+        let mut rows: Vec<Vec<f32>> = var.as_tensor().to_vec2()?;
+        let mut counts = vec![0usize; rows.len()];
+        for cats in &space.user_cats {
+            for &c in cats {
+                if let Some(n) = counts.get_mut(c as usize) {
+                    *n += 1;
+                }
+            }
+        }
+        let mut offset = 0usize;
+        for (_, vocab) in &space.user_columns {
+            let missing = offset;
+            offset += vocab.len();
+            if offset > rows.len() || counts[missing] > 0 {
+                continue;
+            }
+            let total: usize = counts[missing + 1..offset].iter().sum();
+            if total == 0 {
+                continue;
+            }
+            let d = rows[missing].len();
+            let mut mean = vec![0f32; d];
+            for r in missing + 1..offset {
+                let w = counts[r] as f32 / total as f32;
+                for (m, x) in mean.iter_mut().zip(&rows[r]) {
+                    *m += w * x;
+                }
+            }
+            rows[missing] = mean;
+        }
+        let d = rows.first().map_or(0, Vec::len);
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let n = rows.len();
+        var.set(&Tensor::from_vec(flat, (n, d), var.device())?)?;
+    }
+    Ok(())
 }

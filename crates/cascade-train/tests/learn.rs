@@ -248,3 +248,114 @@ fn trains_without_user_features_genres_or_years() {
     assert!(report.rating.unwrap().rmse.is_finite());
     assert!(report.ranking.two_tower.recall_at_10.is_finite());
 }
+
+#[test]
+fn the_artifact_is_refit_on_every_interaction_with_the_chosen_epochs() {
+    let ds = planted(60, 90, 3, 15, 4);
+    let text = fake_text(&ds);
+    let cfg = TrainConfig {
+        tt_epochs: 6,
+        ranker_epochs: 5,
+        bpr_epochs: 2,
+        patience: 2,
+        ..small_cfg()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let opts = pipeline::RunOptions {
+        candidates: 20,
+        with_rating: false,
+        index: IndexParams::default(),
+    };
+    let (report, dir, manifest) =
+        pipeline::train_artifact(root.path(), &ds, &text, &cfg, &opts, &Device::Cpu).unwrap();
+    // The evaluation models stopped where validation said; the refit runs
+    // exactly those epochs (best epoch + 1) on all interactions.
+    let curves = &report.ranking.curves;
+    let served = &manifest.metrics["served_models"];
+    assert_eq!(served["data"], "all interactions");
+    assert_eq!(served["interactions"], ds.interactions.len());
+    assert_eq!(served["validation"], 0);
+    assert_eq!(served["two_tower_epochs"], curves[0].best_epoch + 1);
+    assert_eq!(served["ranker_epochs"], curves[1].best_epoch + 1);
+    assert!(report.refit_seconds > 0.0);
+
+    // Seen sets, histories and popularity cover every interaction.
+    let a = Artifact::load(&dir, &Device::Cpu).unwrap();
+    let pop: u32 = a.space.item_popularity.iter().sum();
+    assert_eq!(pop as usize, ds.interactions.len());
+    let mut pairs = std::collections::HashSet::new();
+    for x in &ds.interactions {
+        pairs.insert((x.user, x.item));
+        assert!(
+            a.space.user_seen[x.user as usize].contains(&x.item),
+            "user {} item {} missing from the served seen set",
+            x.user,
+            x.item
+        );
+    }
+    let seen: usize = a.space.user_seen.iter().map(Vec::len).sum();
+    assert_eq!(seen, pairs.len());
+    // The serving config records the refit's epochs, the cascade weights the evaluation's.
+    assert_eq!(a.serving.train.tt_epochs, curves[0].best_epoch + 1);
+    assert_eq!(a.serving.cascade_weights, report.ranking.cascade_weights);
+}
+
+#[test]
+fn without_validation_every_epoch_runs_and_the_last_is_kept() {
+    use cascade_train::features::{FeatureSpace, Tables};
+    use cascade_train::train::{tower_embeddings, train_two_tower, Holdout};
+    let ds = planted(30, 40, 2, 10, 6);
+    let text = fake_text(&ds);
+    let all: Vec<usize> = (0..ds.interactions.len()).collect();
+    let space = FeatureSpace::build(&ds, &all, 8, 20);
+    let tables = Tables::build(&space, &ds.items, &text, &Device::Cpu).unwrap();
+    let pairs: Vec<(u32, u32)> = ds.interactions.iter().map(|x| (x.user, x.item)).collect();
+    let empty = vec![std::collections::HashSet::new(); ds.users.len()];
+    let holdout = Holdout {
+        seen: &empty,
+        relevant: &empty,
+    };
+    let cfg = TrainConfig {
+        tt_epochs: 4,
+        patience: 1,
+        ..small_cfg()
+    };
+    let t = train_two_tower(&space, &tables, &pairs, &holdout, &cfg, &Device::Cpu).unwrap();
+    assert_eq!(
+        t.curve.train_loss.len(),
+        4,
+        "patience must not stop a refit"
+    );
+    assert_eq!(t.curve.best_epoch, 3);
+    assert!(t.curve.valid_metric.is_empty());
+    // The weights are the last epoch's, not epoch 0's: a rerun of four
+    // epochs reproduces them exactly, a one-epoch run from the same seed
+    // (epoch 0's weights) does not.
+    let again = train_two_tower(&space, &tables, &pairs, &holdout, &cfg, &Device::Cpu).unwrap();
+    let (u1, _) = tower_embeddings(&t.model, &tables, &Device::Cpu).unwrap();
+    let (u2, _) = tower_embeddings(&again.model, &tables, &Device::Cpu).unwrap();
+    let d: f32 = (u1.clone() - u2)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    let one = TrainConfig {
+        tt_epochs: 1,
+        ..cfg.clone()
+    };
+    let first = train_two_tower(&space, &tables, &pairs, &holdout, &one, &Device::Cpu).unwrap();
+    let (u0, _) = tower_embeddings(&first.model, &tables, &Device::Cpu).unwrap();
+    let moved: f32 = (u1 - u0)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(moved > 1e-3, "four epochs kept epoch 0's weights");
+}

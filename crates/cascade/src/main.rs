@@ -58,7 +58,7 @@ enum Cmd {
     /// Embed item text, train, evaluate, build the HNSW index and write a versioned artifact.
     Train(TrainArgs),
     /// Run the evaluation protocols and print the quality table (writes no artifact).
-    Eval(TrainArgs),
+    Eval(EvalArgs),
     /// Rebuild an artifact's HNSW index with new parameters into a new version.
     Index(IndexArgs),
     /// Recommend items for one user from an artifact, in process, as a table.
@@ -71,6 +71,9 @@ enum Cmd {
     GpuCheck(GpuCheckArgs),
     /// Generate a synthetic clustered catalogue (e.g. 1M items) as a servable artifact.
     Synth(SynthArgs),
+    /// Check a running server's answers over gRPC against a dataset: no user is
+    /// shown what they already have, events and context personalise, no request fails.
+    Audit(AuditArgs),
     /// Verify an artifact directory (manifest, checksums, dimensions) and load it.
     Verify {
         /// Artifact version directory, or a root holding versions (the newest is checked).
@@ -305,9 +308,13 @@ struct PredictArgs {
     /// Artifact version directory, or a root (the newest version is used).
     #[arg(long, env = "CASCADE_ARTIFACT", default_value = "artifacts")]
     artifact: PathBuf,
-    /// User ID (an unknown ID gets the cold-start answer: popularity).
+    /// User ID (an unknown ID without context gets the cold-start answer: popularity).
     #[arg(long)]
     user: String,
+    /// Item IDs the user is looking at now, comma-separated (they lead the
+    /// history the user tower pools; an unknown user is personalised by them).
+    #[arg(long, value_delimiter = ',')]
+    context: Vec<String>,
     /// Number of items to return.
     #[arg(short = 'k', long, default_value_t = 10)]
     num_results: usize,
@@ -320,6 +327,65 @@ struct PredictArgs {
     /// Device for the models: cpu, cuda or cuda:N.
     #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
     device: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    train: TrainArgs,
+    /// random: per-user random 80/10/10 on the models alone (and the 90/10
+    /// rating protocol); temporal: each user's latest interactions held out
+    /// and new users held out entirely, answered by `Engine::predict` on an
+    /// artifact built from the rest (the served path); all: both.
+    #[arg(long, env = "CASCADE_EVAL_PROTOCOL", default_value = "random")]
+    protocol: String,
+    /// Temporal protocol: share of each user's interactions held out (the latest).
+    #[arg(long, default_value_t = cascade_core::served_eval::TemporalConfig::default().holdout)]
+    holdout: f64,
+    /// Temporal protocol: share of users held out entirely and served as new users.
+    #[arg(long, default_value_t = cascade_core::served_eval::TemporalConfig::default().new_users)]
+    new_users: f64,
+    /// Temporal protocol: interactions a new user records as events before being asked.
+    #[arg(long, default_value_t = cascade_core::served_eval::TemporalConfig::default().new_user_events)]
+    new_user_events: usize,
+    /// Temporal protocol: write its report as JSON here.
+    #[arg(long)]
+    temporal_report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// Server to check.
+    #[arg(
+        long,
+        env = "CASCADE_AUDIT_ENDPOINT",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    endpoint: String,
+    /// Dataset directory the served artifact was built from (Cascade's format).
+    #[arg(long, env = "CASCADE_DATA", default_value = "data/ml-100k")]
+    data: PathBuf,
+    /// Items per Predict.
+    #[arg(short = 'k', long, env = "CASCADE_AUDIT_K", default_value_t = 10)]
+    k: usize,
+    /// Requests in flight at once.
+    #[arg(long, env = "CASCADE_AUDIT_CONCURRENCY", default_value_t = 8)]
+    concurrency: usize,
+    /// Every n-th user records the top item shown, and must not see it again (0: skip).
+    #[arg(long, env = "CASCADE_AUDIT_EVENTS_EVERY", default_value_t = 10)]
+    events_every: usize,
+    /// New users created with five recorded events each.
+    #[arg(long, env = "CASCADE_AUDIT_NEW_USERS", default_value_t = 50)]
+    new_users: usize,
+    /// Skip feeding every item as a one-item context.
+    #[arg(long, env = "CASCADE_AUDIT_NO_CONTEXT_SWEEP")]
+    no_context_sweep: bool,
+    /// Write the report as JSON here too.
+    #[arg(long, env = "CASCADE_AUDIT_REPORT")]
+    report: Option<PathBuf>,
+    /// Seconds to keep retrying the first connection (a server still starting).
+    #[arg(long, env = "CASCADE_AUDIT_WAIT_SECS", default_value_t = 0.0)]
+    wait_secs: f64,
 }
 
 #[derive(Args)]
@@ -380,6 +446,11 @@ struct TrainArgs {
     /// Retrieved candidates the ranker reorders in the cascade.
     #[arg(long, default_value_t = 200)]
     candidates: usize,
+    /// Share of training rows served as the unknown user (ID and features
+    /// dropped, a random recent part of the history kept): trains the slot
+    /// that serves new users from their events and context.
+    #[arg(long, env = "CASCADE_USER_DROPOUT", default_value_t = TrainConfig::default().user_dropout)]
+    user_dropout: f64,
     /// Skip the 90/10 rating protocol (RMSE/MAE).
     #[arg(long)]
     skip_rating_eval: bool,
@@ -411,13 +482,14 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Fetch(a) => fetch_cmd(a),
         Cmd::Train(a) => train_cmd(a, true),
-        Cmd::Eval(a) => train_cmd(a, false),
+        Cmd::Eval(a) => eval_cmd(a),
         Cmd::Index(a) => index_cmd(a),
         Cmd::Predict(a) => predict_cmd(a),
         Cmd::Serve(a) => serve_cmd(a),
         Cmd::Bench(a) => bench_cmd(a),
         Cmd::GpuCheck(a) => gpu_check_cmd(a),
         Cmd::Synth(a) => synth_cmd(a),
+        Cmd::Audit(a) => audit_cmd(a),
         Cmd::Verify { artifact } => verify_cmd(&artifact),
     }
 }
@@ -475,6 +547,7 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
     let cfg = TrainConfig {
         seed: a.seed,
         patience: a.patience,
+        user_dropout: a.user_dropout,
         progress: !a.quiet,
         ..Default::default()
     };
@@ -502,6 +575,15 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some((dir, m)) = written {
+        let served = &m.metrics["served_models"];
+        println!(
+            "shipped models refit on {} ({} interactions; two-tower {} epochs, ranker {} epochs, chosen on validation) in {:.1}s",
+            served["data"].as_str().unwrap_or("?"),
+            served["interactions"],
+            served["two_tower_epochs"],
+            served["ranker_epochs"],
+            report.refit_seconds
+        );
         println!(
             "artifact {} written to {} (HNSW recall@100 vs exact: {:.4})",
             m.model_version,
@@ -510,6 +592,74 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
         );
     }
     println!("total {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs) -> Result<()> {
+    let (random, temporal) = match a.protocol.as_str() {
+        "random" => (true, false),
+        "temporal" => (false, true),
+        "all" => (true, true),
+        other => anyhow::bail!("--protocol {other:?}: expected random, temporal or all"),
+    };
+    if random {
+        train_cmd(a.train.clone(), false)?;
+    }
+    if !temporal {
+        return Ok(());
+    }
+    let t = &a.train;
+    let t0 = Instant::now();
+    let dev = cascade_model::select_device(&t.device)?;
+    let ds = Dataset::load(&t.data)?;
+    let text = pipeline::embed_items(&ds, &t.minilm, Some(&t.cache), !t.quiet, &dev).with_context(
+        || {
+            format!(
+                "embedding item text with the model in {}",
+                t.minilm.display()
+            )
+        },
+    )?;
+    let cfg = TrainConfig {
+        seed: t.seed,
+        patience: t.patience,
+        user_dropout: t.user_dropout,
+        progress: !t.quiet,
+        ..Default::default()
+    };
+    let opts = pipeline::RunOptions {
+        candidates: t.candidates,
+        with_rating: false,
+        index: IndexParams::default(),
+    };
+    let tcfg = cascade_core::served_eval::TemporalConfig {
+        holdout: a.holdout,
+        new_users: a.new_users,
+        new_user_events: a.new_user_events,
+        seed: t.seed,
+        ..Default::default()
+    };
+    let work = tempfile::tempdir()?;
+    let report = cascade_core::served_eval::temporal_protocol(
+        &ds,
+        &text,
+        &cfg,
+        &opts,
+        &tcfg,
+        work.path(),
+        &dev,
+    )?;
+    println!("\n{}", cascade_core::served_eval::table(&report));
+    println!(
+        "temporal protocol: artifact trained in {:.1}s, served answers in {:.1}s; total {:.1}s",
+        report.train_seconds,
+        report.serve_seconds,
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(p) = &a.temporal_report {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     Ok(())
 }
 
@@ -766,6 +916,7 @@ fn train_first(a: &ServeArgs) -> Result<()> {
             seed: 2026,
             patience: TrainConfig::default().patience,
             candidates: 200,
+            user_dropout: TrainConfig::default().user_dropout,
             skip_rating_eval: true,
             report: None,
             curves: None,
@@ -890,6 +1041,41 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         } else if let Some(r) = reports.first() {
             cascade_bench::plot::timeline_svg(p, r)?;
         }
+    }
+    Ok(())
+}
+
+fn audit_cmd(a: AuditArgs) -> Result<()> {
+    let ds = cascade_data::Dataset::load(&a.data)?;
+    let cfg = cascade_bench::audit::AuditConfig {
+        endpoint: a.endpoint,
+        k: a.k,
+        concurrency: a.concurrency,
+        events_every: a.events_every,
+        new_users: a.new_users,
+        context_sweep: !a.no_context_sweep,
+        wait: std::time::Duration::from_secs_f64(a.wait_secs.max(0.0)),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let rep = rt.block_on(cascade_bench::audit::audit(&cfg, &ds))?;
+    let json = serde_json::to_string_pretty(&rep)?;
+    if let Some(p) = &a.report {
+        std::fs::write(p, &json).with_context(|| format!("writing {}", p.display()))?;
+    }
+    println!("{json}");
+    if !rep.passed {
+        anyhow::bail!(
+            "audit failed: {} already-interacted items, {} short answers, {} wrong personalisation, \
+             {} failed calls, {} new users served popularity, {} context items returned",
+            rep.already_interacted,
+            rep.short_answers,
+            rep.wrong_personalization,
+            rep.failed_calls,
+            rep.new_users_served_popularity,
+            rep.context_item_returned
+        );
     }
     Ok(())
 }
@@ -1041,16 +1227,17 @@ fn predict_cmd(a: PredictArgs) -> Result<()> {
         num_results: a.num_results,
         num_candidates: a.candidates,
         exclude_item_ids: a.exclude,
+        context_item_ids: a.context,
         ..Default::default()
     })?;
     println!(
         "user {} — model {}{} — {:.2} ms (user {:.2}, retrieval {:.2}, ranking {:.2})",
         a.user,
         resp.model_version,
-        if resp.cold_start {
-            " — unknown user: most popular items"
-        } else {
-            ""
+        match resp.personalized_by {
+            cascade_core::PersonalizedBy::Popularity =>
+                " — no personal signal: most popular items".to_string(),
+            by => format!(" — personalised by {}", by.as_str()),
         },
         resp.timings.total_us as f64 / 1e3,
         resp.timings.user_state_us as f64 / 1e3,

@@ -84,7 +84,27 @@ fn train_then_verify() {
         "titles missing: {text}"
     );
     let (ok, text) = predict(&artifacts, "stranger", "3");
-    assert!(ok && text.contains("unknown user"), "{text}");
+    assert!(ok && text.contains("no personal signal"), "{text}");
+    let out = cascade()
+        .args([
+            "predict",
+            "--user",
+            "stranger",
+            "-k",
+            "3",
+            "--context",
+            "i1,i2",
+        ])
+        .arg("--artifact")
+        .arg(&artifacts)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("personalised by context"),
+        "{text}"
+    );
+    assert!(!text.contains(" i1 ") && !text.contains(" i2 "), "{text}");
     let (ok, text) = predict(&artifacts, "u1", "0");
     assert!(!ok && text.contains("num_results"), "{text}");
 

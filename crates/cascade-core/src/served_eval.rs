@@ -123,6 +123,8 @@ impl Tally {
 /// The split: which users are new, and per remaining user which interaction
 /// indices train and which are held out.
 struct TemporalSplit {
+    /// Per user: interaction indices in time order (timestamp, then item).
+    by_user: Vec<Vec<usize>>,
     new_users: Vec<usize>,
     train: Vec<usize>,
     test: Vec<Vec<usize>>,
@@ -163,6 +165,7 @@ fn split(ds: &Dataset, cfg: &TemporalConfig) -> TemporalSplit {
     }
     train.sort_unstable();
     TemporalSplit {
+        by_user,
         new_users,
         train,
         test,
@@ -284,13 +287,8 @@ pub fn temporal_protocol(
     let (mut npop, mut ntt, mut ncas) = (Tally::default(), Tally::default(), Tally::default());
     let mut personalized = 0;
     let mut new_evaluated = 0;
-    let mut by_user: Vec<Vec<usize>> = vec![Vec::new(); ds.users.len()];
-    for (i, x) in ds.interactions.iter().enumerate() {
-        by_user[x.user as usize].push(i);
-    }
     for &u in &s.new_users {
-        let mut idx = by_user[u].clone();
-        idx.sort_by_key(|&i| (ds.interactions[i].timestamp, ds.interactions[i].item));
+        let idx = &s.by_user[u];
         let (first, later) = idx.split_at(cfg.new_user_events.min(idx.len()));
         let user = format!("temporal-new-{}", ds.users[u].id);
         let events: Vec<Event> = first

@@ -77,12 +77,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `v / |v|`, or `None` for a zero or non-finite vector (no direction to search).
-pub fn normalized(v: &[f32]) -> Option<Vec<f32>> {
-    let norm = dot(v, v).sqrt();
-    (norm.is_finite() && norm > 0.0).then(|| v.iter().map(|x| x / norm).collect())
-}
-
 pub struct ItemIndex {
     hnsw: Hnsw<'static, f32, ClampedDot>,
     pub dim: usize,
@@ -140,10 +134,18 @@ impl ItemIndex {
         if query.len() != self.dim || k == 0 {
             return Vec::new();
         }
-        let Some(query) = normalized(query) else {
+        // Tower outputs are unit already: only other queries are copied.
+        let norm = dot(query, query).sqrt();
+        if !(norm.is_finite() && norm > 0.0) {
             return Vec::new();
+        }
+        let rescaled: Vec<f32>;
+        let query = if (norm - 1.0).abs() <= 1e-5 {
+            query
+        } else {
+            rescaled = query.iter().map(|x| x / norm).collect();
+            rescaled.as_slice()
         };
-        let query = query.as_slice();
         let ef = self.params.ef_search.max(k);
         let res = match keep {
             Some(f) => {

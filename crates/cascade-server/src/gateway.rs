@@ -199,7 +199,7 @@ impl Gateway {
                     .await?;
                 retrieval_us = micros(took);
                 if got.cold_start || got.items.is_empty() {
-                    // Popularity or context answered: already in final order.
+                    // No personal signal: popularity answered, already in final order.
                     let by = (got.cold_start, got.personalized_by);
                     (got.items, by, got.model_version, false)
                 } else {

@@ -192,10 +192,6 @@ pub fn train_models(
         dim: cfg.two_tower.dim,
     };
     let ranker = train::train_ranker(&space, &tables, &data, &valid_triples, cfg, dev)?;
-    if cfg.user_dropout <= 0.0 {
-        train::fill_unknown_slots(&two_tower.varmap, &space)?;
-        train::fill_unknown_slots(&ranker.varmap, &space)?;
-    }
     let trained_on = TrainedOn {
         interactions: train_idx.len(),
         validation: valid_idx.len(),

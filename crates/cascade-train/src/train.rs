@@ -416,12 +416,12 @@ impl RankerData<'_> {
 }
 
 /// One ranker step's loss: MSE on the positives' ratings + BCE on engagement.
-/// `id_rows` (when given) replaces the rows' user ID/features (see [`dropped_ids`]).
+/// `id_rows` are the rows' user ID/feature rows (see [`dropped_ids`]).
 fn ranker_loss(
     model: &Ranker,
     tables: &Tables,
     rows: &(Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>),
-    id_rows: Option<Vec<u32>>,
+    id_rows: &[u32],
     ratings: &[f32],
     dev: &Device,
 ) -> Result<(Tensor, Tensor), TrainError> {
@@ -431,10 +431,7 @@ fn ranker_loss(
     let iidx = Tensor::from_vec(rows.1.clone(), n, dev)?;
     let tt = Tensor::from_vec(rows.2.clone(), (n, 1), dev)?;
     let labels = Tensor::from_vec(rows.3.clone(), n, dev)?;
-    let users = match id_rows {
-        Some(ids) => tables.users_split(&Tensor::from_vec(ids, n, dev)?, &uidx)?,
-        None => tables.users(&uidx)?,
-    };
+    let users = tables.users_split(&Tensor::new(id_rows, dev)?, &uidx)?;
     let items = tables.items.select(&iidx)?;
     let out = model.forward(&PairInputs {
         user: &users,
@@ -490,7 +487,7 @@ pub fn train_ranker(
             let ratings: Vec<f32> = pos.iter().map(|x| x.2).collect();
             let rows = data.rows(&pos, space.dims.num_items, &mut rng);
             let ids = dropped_ids(&rows.0, space.dims.num_users, cfg.user_dropout, &mut rng);
-            let (mse, bce) = ranker_loss(&model, tables, &rows, Some(ids), &ratings, dev)?;
+            let (mse, bce) = ranker_loss(&model, tables, &rows, &ids, &ratings, dev)?;
             let loss = (mse + bce)?;
             opt.backward_step(&loss)?;
             total += loss.to_scalar::<f32>()? as f64;
@@ -504,7 +501,7 @@ pub fn train_ranker(
             pb.set_message(format!("epoch {epoch} loss {loss:.4}"));
             continue;
         }
-        let (mse, bce) = ranker_loss(&model, tables, &vrows, None, &vratings, dev)?;
+        let (mse, bce) = ranker_loss(&model, tables, &vrows, &vrows.0, &vratings, dev)?;
         let v = (mse.to_scalar::<f32>()? + bce.to_scalar::<f32>()?) as f64;
         curve.valid_metric.push(v);
         pb.set_message(format!("epoch {epoch} loss {loss:.4} valid {v:.4}"));
@@ -687,65 +684,4 @@ impl SqNorm for candle_nn::Embedding {
 }
 fn model_item_sq(m: &BprMf, idx: &Tensor) -> candle_core::Result<Tensor> {
     m.item.forward_sq(idx)
-}
-
-/// Give the models' unknown-user slot (ID row `num_users`, and each user
-/// column's "missing" entry when no known user has it) the population mean
-/// of the trained rows, frequency-weighted for categoricals: the fallback
-/// when training ran without `user_dropout`, which is what trains the slot
-/// (without either, it would keep its random initialisation). Works on both
-/// models' varmaps (same table names).
-pub fn fill_unknown_slots(varmap: &VarMap, space: &FeatureSpace) -> Result<(), TrainError> {
-    let data = varmap
-        .data()
-        .lock()
-        .map_err(|_| TrainError::Invalid("varmap lock poisoned".into()))?;
-    let nu = space.dims.num_users;
-    for name in ["user_id_emb.weight", "user_bias_emb.weight"] {
-        let Some(var) = data.get(name) else { continue };
-        let t = var.as_tensor();
-        if t.dim(0)? != nu + 1 || nu == 0 {
-            continue;
-        }
-        let known = t.narrow(0, 0, nu)?;
-        let mean = known.mean_keepdim(0)?;
-        var.set(&Tensor::cat(&[&known, &mean], 0)?)?;
-    }
-    if let Some(var) = data.get("user_cat_emb.weight") {
-        let mut rows: Vec<Vec<f32>> = var.as_tensor().to_vec2()?;
-        let mut counts = vec![0usize; rows.len()];
-        for cats in &space.user_cats {
-            for &c in cats {
-                if let Some(n) = counts.get_mut(c as usize) {
-                    *n += 1;
-                }
-            }
-        }
-        let mut offset = 0usize;
-        for (_, vocab) in &space.user_columns {
-            let missing = offset;
-            offset += vocab.len();
-            if offset > rows.len() || counts[missing] > 0 {
-                continue;
-            }
-            let total: usize = counts[missing + 1..offset].iter().sum();
-            if total == 0 {
-                continue;
-            }
-            let d = rows[missing].len();
-            let mut mean = vec![0f32; d];
-            for r in missing + 1..offset {
-                let w = counts[r] as f32 / total as f32;
-                for (m, x) in mean.iter_mut().zip(&rows[r]) {
-                    *m += w * x;
-                }
-            }
-            rows[missing] = mean;
-        }
-        let d = rows.first().map_or(0, Vec::len);
-        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-        let n = rows.len();
-        var.set(&Tensor::from_vec(flat, (n, d), var.device())?)?;
-    }
-    Ok(())
 }

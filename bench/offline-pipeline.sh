@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Times the whole offline pipeline on MovieLens-100K (fetch excluded): MiniLM
-# item embeddings with a fresh cache, both evaluation protocols, the refit of
-# the shipped models on all interactions, HNSW build, artifact write. Writes
+# Times `cascade train` on MovieLens-100K (fetch excluded): MiniLM item
+# embeddings with a fresh cache, the ranking protocol (evaluation and model
+# selection) and, beside it, the refit of the shipped models on all
+# interactions, HNSW build, artifact write. RATING=1 adds the 90/10 rating
+# protocol (`--rating-eval`; `cascade eval` always runs it). Writes
 # bench/results/offline-ml100k.json (wall time, peak RSS, per-model training
 # time, refit time and epochs, quality metrics, machine) and prints a summary.
 # Run it on an otherwise idle machine. BIN=target/debug/cascade times the
@@ -17,7 +19,8 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 /usr/bin/time -v -o "$work/time.txt" "$BIN" train --quiet --data data/ml-100k --minilm data/minilm \
-  --cache "$work/cache" --artifacts "$work/artifacts" --report "$work/report.json" 2>&1 | tee "$work/train.txt"
+  --cache "$work/cache" --artifacts "$work/artifacts" --report "$work/report.json" \
+  ${RATING:+--rating-eval} 2>&1 | tee "$work/train.txt"
 python3 - "$work" bench/results/offline-ml100k.json <<'PY'
 import json, os, platform, re, subprocess, sys
 work, out = sys.argv[1], sys.argv[2]
@@ -32,7 +35,8 @@ art = os.path.join(work, "artifacts")
 manifest = json.load(open(os.path.join(art, sorted(os.listdir(art))[-1], "manifest.json")))
 served = manifest["metrics"]["served_models"]
 phases = [{"model": c["model"], "split": "ranking", "epochs": len(c["train_loss"]), "seconds": round(c["seconds"], 1)} for c in r["ranking"]["curves"]]
-phases += [{"model": c["model"], "split": "rating", "epochs": len(c["train_loss"]), "seconds": round(c["seconds"], 1)} for c in r["rating"]["curves"]]
+rating = r.get("rating")
+phases += [{"model": c["model"], "split": "rating", "epochs": len(c["train_loss"]), "seconds": round(c["seconds"], 1)} for c in (rating or {}).get("curves", [])]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 mem_gib = round(int(next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))) / 2**20, 1)
 res = {
@@ -45,7 +49,8 @@ res = {
     "training": phases,
     "refit": {"seconds": round(r["refit_seconds"], 1)} | served,
     "binary": os.environ.get("BIN", "target/release/cascade"),
-    "metrics": {k: r["ranking"][k] for k in ("popularity", "bpr", "two_tower", "cascade")} | {"cascade_weights": r["ranking"]["cascade_weights"], "rmse": r["rating"]["rmse"], "mae": r["rating"]["mae"]},
+    "rayon_num_threads": os.environ.get("RAYON_NUM_THREADS", "unset (cascade train uses half the cores per lane)"),
+    "metrics": {k: r["ranking"][k] for k in ("popularity", "bpr", "two_tower", "cascade")} | {"cascade_weights": r["ranking"]["cascade_weights"]} | ({"rmse": rating["rmse"], "mae": rating["mae"]} if rating else {}),
 }
 json.dump(res, open(out, "w"), indent=2)
 print(f"\nwall {wall_s:.1f}s, peak RSS {res['peak_rss_mib']} MiB, MiniLM {embed_s}s -> {out}")

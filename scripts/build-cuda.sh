@@ -60,7 +60,7 @@ if [ -z "$art" ]; then
   cargo build --release -q -p cascade
   target/release/cascade fetch movielens-100k
   target/release/cascade fetch minilm
-  target/release/cascade train --quiet --skip-rating-eval
+  target/release/cascade train --quiet
   art=$(ls -d artifacts/*/ | sort | tail -1)
 fi
 

@@ -140,11 +140,14 @@ impl TwoTower {
         let (b, d) = (u.ids.dim(0)?, self.cfg.dim);
         let id = self.user_id.forward(&u.ids)?;
         let cats = pooled_cats(&self.user_cat, &u.cats, b, d, u.ids.device())?;
-        let hist = self
-            .hist
-            .forward(&u.hist)?
-            .broadcast_mul(&u.hist_w.unsqueeze(2)?)?
-            .sum(1)?;
+        // Weighted mean of the history rows as a batched [1, L] x [L, D]
+        // product: a sum over the middle axis is a strided reduction in
+        // Candle's CPU backend, several times slower forward and backward.
+        let hist = u
+            .hist_w
+            .unsqueeze(1)?
+            .matmul(&self.hist.forward(&u.hist)?)?
+            .squeeze(1)?;
         let x = Tensor::cat(&[id, cats, hist], 1)?;
         l2_normalize(&self.user_l2.forward(&self.user_l1.forward(&x)?.relu()?)?)
     }

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::features::{FeatureSpace, Tables};
 use crate::metrics::{self, top_indices, TopK};
-use crate::train::{self, Curve, Holdout, RankerData, TrainConfig, TrainedRanker, TrainedTwoTower};
+use crate::train::{
+    self, Curve, EpochChoice, Holdout, RankerData, Schedule, TrainConfig, TrainedRanker,
+    TrainedTwoTower,
+};
 use crate::TrainError;
 
 pub const K: usize = 10;
@@ -144,13 +147,52 @@ fn masked_top(scores: &[f32], seen: &HashSet<u32>, k: usize) -> Vec<u32> {
     top_indices(&row, k)
 }
 
-/// Train the two-tower and the ranker on `train` (early stopping on `valid`).
+/// The epochs an evaluation run chose for each model, which the refit of the
+/// shipped models follows (see [`EpochChoice`]).
+#[derive(Debug, Default)]
+pub struct Chosen {
+    pub two_tower: EpochChoice,
+    pub ranker: EpochChoice,
+}
+
+impl Chosen {
+    /// The evaluation failed: the refit stops instead of waiting.
+    pub fn cancel(&self) {
+        self.two_tower.cancel();
+        self.ranker.cancel();
+    }
+}
+
+/// How [`train_models`] picks each model's epochs.
+#[derive(Debug, Clone, Copy)]
+pub enum Epochs<'a> {
+    /// Early stopping on the validation rows; the choices go to `Chosen` if given.
+    Validate(Option<&'a Chosen>),
+    /// A refit: keep the epochs the evaluation chose.
+    Follow(&'a Chosen),
+}
+
+impl<'a> Epochs<'a> {
+    fn schedule(self, cfg: &TrainConfig, pick: fn(&Chosen) -> &EpochChoice) -> Schedule<'a> {
+        match self {
+            Epochs::Validate(publish) => Schedule::EarlyStop {
+                patience: cfg.patience,
+                publish: publish.map(pick),
+            },
+            Epochs::Follow(c) => Schedule::Follow(pick(c)),
+        }
+    }
+}
+
+/// Train the two-tower and the ranker on `train` (early stopping on `valid`,
+/// or the evaluation's epochs for a refit).
 pub fn train_models(
     ds: &Dataset,
     text: &[Vec<f32>],
     train_idx: &[usize],
     valid_idx: &[usize],
     cfg: &TrainConfig,
+    epochs: Epochs,
     dev: &Device,
 ) -> Result<Models, TrainError> {
     let text_dim = text.first().map(Vec::len).unwrap_or(0);
@@ -167,7 +209,15 @@ pub fn train_models(
         .iter()
         .map(|&i| (ds.interactions[i].user, ds.interactions[i].item))
         .collect();
-    let two_tower = train::train_two_tower(&space, &tables, &train_pairs, &holdout, cfg, dev)?;
+    let two_tower = train::train_two_tower(
+        &space,
+        &tables,
+        &train_pairs,
+        &holdout,
+        cfg,
+        epochs.schedule(cfg, |c| &c.two_tower),
+        dev,
+    )?;
     let (u, v) = train::tower_embeddings(&two_tower.model, &tables, dev)?;
     let user_vecs: Vec<f32> = u.flatten_all()?.to_vec1()?;
     let item_vecs: Vec<f32> = v.flatten_all()?.to_vec1()?;
@@ -191,7 +241,15 @@ pub fn train_models(
         item_vecs: &item_vecs,
         dim: cfg.two_tower.dim,
     };
-    let ranker = train::train_ranker(&space, &tables, &data, &valid_triples, cfg, dev)?;
+    let ranker = train::train_ranker(
+        &space,
+        &tables,
+        &data,
+        &valid_triples,
+        cfg,
+        epochs.schedule(cfg, |c| &c.ranker),
+        dev,
+    )?;
     let trained_on = TrainedOn {
         interactions: train_idx.len(),
         validation: valid_idx.len(),
@@ -217,26 +275,28 @@ pub fn train_models(
 }
 
 /// Refit the shipped models on every interaction of `ds`: the same
-/// training, with the epoch counts the evaluation run chose on validation
-/// (its best epochs) and no early stopping, and its cascade weights. The
-/// seen sets, histories and popularity of the returned feature space cover
-/// all interactions too.
+/// training, no validation, keeping the epochs the evaluation run chose on
+/// validation (its best epochs, read from `chosen` while it runs beside this
+/// one). The seen sets, histories and popularity of the returned feature
+/// space cover all interactions too. The caller sets the cascade weights.
 pub fn refit_all(
     ds: &Dataset,
     text: &[Vec<f32>],
     cfg: &TrainConfig,
-    evaluated: &Models,
+    chosen: &Chosen,
     dev: &Device,
-) -> Result<(Models, TrainConfig), TrainError> {
-    let cfg = TrainConfig {
-        tt_epochs: evaluated.two_tower.curve.best_epoch + 1,
-        ranker_epochs: evaluated.ranker.curve.best_epoch + 1,
-        ..cfg.clone()
-    };
+) -> Result<Models, TrainError> {
     let all: Vec<usize> = (0..ds.interactions.len()).collect();
-    let mut models = train_models(ds, text, &all, &[], &cfg, dev)?;
-    models.cascade_weights = evaluated.cascade_weights;
-    Ok((models, cfg))
+    train_models(ds, text, &all, &[], cfg, Epochs::Follow(chosen), dev)
+}
+
+/// The training config a refit ran with: the evaluation's epochs.
+pub fn refit_config(cfg: &TrainConfig, refit: &Models) -> TrainConfig {
+    TrainConfig {
+        tt_epochs: refit.trained_on.two_tower_epochs,
+        ranker_epochs: refit.trained_on.ranker_epochs,
+        ..cfg.clone()
+    }
 }
 
 impl Models {
@@ -317,10 +377,19 @@ pub fn ranking_protocol(
     text: &[Vec<f32>],
     cfg: &TrainConfig,
     candidates: usize,
+    publish: Option<&Chosen>,
     dev: &Device,
 ) -> Result<(RankingReport, Models), TrainError> {
     let split = per_user_split(&ds.interactions, ds.users.len(), [0.8, 0.1, 0.1], cfg.seed);
-    let mut models = train_models(ds, text, &split.train, &split.valid, cfg, dev)?;
+    let mut models = train_models(
+        ds,
+        text,
+        &split.train,
+        &split.valid,
+        cfg,
+        Epochs::Validate(publish),
+        dev,
+    )?;
     let seen_train = per_user_sets(ds, &split.train);
     let valid_rel = per_user_sets(ds, &split.valid);
     let test_rel = per_user_sets(ds, &split.test);
@@ -431,7 +500,15 @@ pub fn rating_protocol(
     let inner = random_split(split.train.len(), 0.05, cfg.seed.wrapping_add(1));
     let train_idx: Vec<usize> = inner.train.iter().map(|&j| split.train[j]).collect();
     let valid_idx: Vec<usize> = inner.test.iter().map(|&j| split.train[j]).collect();
-    let models = train_models(ds, text, &train_idx, &valid_idx, cfg, dev)?;
+    let models = train_models(
+        ds,
+        text,
+        &train_idx,
+        &valid_idx,
+        cfg,
+        Epochs::Validate(None),
+        dev,
+    )?;
     let (lo, hi) = train_idx
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &i| {

@@ -1,8 +1,13 @@
-//! Training loops (Candle autograd, AdamW). Each loop is seeded end to end —
-//! parameter init, shuffling and negative sampling — and keeps the weights of
-//! its best validation epoch (early stopping with patience).
+//! Training loops (Candle autograd, AdamW). Each model supplies one epoch's
+//! pass and a validation metric; [`run_epochs`] is the one loop around them.
+//! Every run is seeded end to end — parameter init, shuffling and negative
+//! sampling — and keeps either its best validation epoch (early stopping with
+//! patience) or, for a refit without validation, the epoch that the
+//! evaluation run of the same model chose ([`Schedule::Follow`]).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
@@ -100,16 +105,214 @@ impl Holdout<'_> {
     }
 }
 
-fn finish(pb: &ProgressBar, curve: &mut Curve, t0: std::time::Instant) {
+fn finish(pb: &ProgressBar, curve: &mut Curve, t0: Instant, how: String) {
     pb.finish_and_clear();
     curve.seconds = t0.elapsed().as_secs_f64();
     tracing::info!(
-        "{}: {} epochs in {:.1}s (best epoch {})",
+        "{}: {} epochs in {:.1}s ({how} {})",
         curve.model,
         curve.train_loss.len(),
         curve.seconds,
         curve.best_epoch
     );
+}
+
+/// The epoch an evaluation run chose, shared with the refit that follows it.
+///
+/// A refit without validation trained for `k` epochs is, step for step, the
+/// first `k` epochs of a longer one (same seed, same shuffles, constant
+/// learning rate), so the refit can run on another core at the same time as
+/// the evaluation and keep epoch `k`'s weights once `k` is known, instead of
+/// waiting for it and then training again from scratch.
+#[derive(Debug, Default)]
+pub struct EpochChoice {
+    state: Mutex<ChoiceState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ChoiceState {
+    /// The best epoch so far: the final choice is never earlier, so a
+    /// follower can drop weights of earlier epochs.
+    floor: usize,
+    chosen: Option<usize>,
+    cancelled: bool,
+}
+
+impl EpochChoice {
+    fn update(&self, f: impl FnOnce(&mut ChoiceState)) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+        self.changed.notify_all();
+    }
+
+    fn peek(&self) -> ChoiceState {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Validation improved at `epoch`.
+    pub fn best_so_far(&self, epoch: usize) {
+        self.update(|s| s.floor = s.floor.max(epoch));
+    }
+
+    /// The run finished and keeps `epoch`.
+    pub fn choose(&self, epoch: usize) {
+        self.update(|s| {
+            s.floor = s.floor.max(epoch);
+            s.chosen = Some(epoch);
+        });
+    }
+
+    /// No choice will come (the run failed or ended): followers still
+    /// waiting stop with an error. A choice already made stands.
+    pub fn cancel(&self) {
+        self.update(|s| s.cancelled = true);
+    }
+
+    /// Block until the run chose (or failed).
+    fn wait(&self) -> Result<usize, TrainError> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(c) = st.chosen {
+                return Ok(c);
+            }
+            if st.cancelled {
+                return Err(cancelled());
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn cancelled() -> TrainError {
+    TrainError::Invalid(
+        "the evaluation run this refit follows stopped before choosing an epoch".into(),
+    )
+}
+
+/// How a training run decides how long to train and which weights to keep.
+#[derive(Debug, Clone, Copy)]
+pub enum Schedule<'a> {
+    /// Validate after every epoch, stop after `patience` epochs without
+    /// improvement and keep the best epoch, telling `publish` as it goes.
+    /// Without validation data every epoch runs and the last is kept.
+    EarlyStop {
+        patience: usize,
+        publish: Option<&'a EpochChoice>,
+    },
+    /// A refit: no validation; train until the followed run has chosen its
+    /// epoch and keep that epoch's weights.
+    Follow(&'a EpochChoice),
+}
+
+/// What [`run_epochs`] reports and how it compares validation values.
+struct LoopSpec<'a> {
+    name: &'static str,
+    metric_name: &'static str,
+    higher_is_better: bool,
+    epochs: usize,
+    steps_per_epoch: usize,
+    progress: bool,
+    /// Whether `validate` means anything (there are held-out rows).
+    validates: bool,
+    schedule: Schedule<'a>,
+}
+
+/// The one training loop: `epoch` runs one pass over the data and returns its
+/// mean loss, `validate` returns the validation metric; the schedule decides
+/// when to stop and which epoch's weights `varmap` ends with.
+fn run_epochs(
+    spec: LoopSpec,
+    varmap: &VarMap,
+    mut epoch: impl FnMut(&ProgressBar) -> Result<f64, TrainError>,
+    mut validate: impl FnMut() -> Result<f64, TrainError>,
+) -> Result<Curve, TrainError> {
+    let pb = progress(
+        spec.progress,
+        (spec.steps_per_epoch * spec.epochs) as u64,
+        spec.name,
+    );
+    let t0 = Instant::now();
+    let mut curve = Curve {
+        model: spec.name.into(),
+        valid_metric_name: spec.metric_name.into(),
+        ..Default::default()
+    };
+    let how = match spec.schedule {
+        Schedule::EarlyStop { patience, publish } => {
+            let (mut best, mut best_snap, mut since_best) = (None::<(f64, usize)>, None, 0);
+            for e in 0..spec.epochs {
+                let loss = epoch(&pb)?;
+                curve.train_loss.push(loss);
+                if !spec.validates {
+                    // Nothing to stop on: validating nothing would score every
+                    // epoch 0 and silently keep epoch 0.
+                    curve.best_epoch = e;
+                    pb.set_message(format!("epoch {e} loss {loss:.4}"));
+                    continue;
+                }
+                let v = validate()?;
+                curve.valid_metric.push(v);
+                pb.set_message(format!(
+                    "epoch {e} loss {loss:.4} {} {v:.4}",
+                    spec.metric_name
+                ));
+                let better =
+                    best.is_none_or(|(b, _)| if spec.higher_is_better { v > b } else { v < b });
+                if better {
+                    best = Some((v, e));
+                    best_snap = Some(snapshot(varmap)?);
+                    since_best = 0;
+                    if let Some(p) = publish {
+                        p.best_so_far(e);
+                    }
+                } else {
+                    since_best += 1;
+                    if since_best >= patience {
+                        break;
+                    }
+                }
+            }
+            if let (Some(s), Some((_, e))) = (best_snap, best) {
+                restore(varmap, &s)?;
+                curve.best_epoch = e;
+            }
+            if let Some(p) = publish {
+                p.choose(curve.best_epoch);
+            }
+            "best epoch".to_string()
+        }
+        Schedule::Follow(choice) => {
+            let mut kept: VecDeque<(usize, Vec<(String, Tensor)>)> = VecDeque::new();
+            for e in 0..spec.epochs {
+                let st = choice.peek();
+                match st.chosen {
+                    Some(c) if e > c => break,
+                    None if st.cancelled => return Err(cancelled()),
+                    _ => {}
+                }
+                let loss = epoch(&pb)?;
+                curve.train_loss.push(loss);
+                pb.set_message(format!("epoch {e} loss {loss:.4}"));
+                kept.retain(|(k, _)| *k >= st.floor);
+                kept.push_back((e, snapshot(varmap)?));
+            }
+            let c = choice.wait()?;
+            let (_, snap) = kept.iter().find(|(k, _)| *k == c).ok_or_else(|| {
+                TrainError::Invalid(format!(
+                    "{}: the evaluation chose epoch {c}, past this refit's {} epochs",
+                    spec.name, spec.epochs
+                ))
+            })?;
+            restore(varmap, snap)?;
+            let ran = curve.train_loss.len();
+            curve.train_loss.truncate(c + 1);
+            curve.best_epoch = c;
+            format!("refit: ran {ran}, kept the evaluation's epoch")
+        }
+    };
+    finish(&pb, &mut curve, t0, how);
+    Ok(curve)
 }
 
 /// A progress bar in the project's style, or a hidden one.
@@ -251,6 +454,7 @@ pub fn train_two_tower(
     train: &[(u32, u32)],
     holdout: &Holdout,
     cfg: &TrainConfig,
+    schedule: Schedule,
     dev: &Device,
 ) -> Result<TrainedTwoTower, TrainError> {
     let varmap = VarMap::new();
@@ -267,22 +471,18 @@ pub fn train_two_tower(
     )?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1));
     let mut order: Vec<usize> = (0..train.len()).collect();
-    let steps = train.len().div_ceil(cfg.tt_batch);
-    let pb = progress(cfg.progress, (steps * cfg.tt_epochs) as u64, "two-tower");
-    let t0 = std::time::Instant::now();
     let inv_t = 1.0 / cfg.two_tower.temperature;
-    let mut curve = Curve {
-        model: "two_tower".into(),
-        valid_metric_name: "valid Recall@10".into(),
-        ..Default::default()
+    let spec = LoopSpec {
+        name: "two_tower",
+        metric_name: "valid Recall@10",
+        higher_is_better: true,
+        epochs: cfg.tt_epochs,
+        steps_per_epoch: train.len().div_ceil(cfg.tt_batch),
+        progress: cfg.progress,
+        validates: holdout.is_usable(),
+        schedule,
     };
-    let (mut best, mut best_snap, mut since_best) = (f64::NEG_INFINITY, None, 0);
-    let n_items = space.dims.num_items;
-    let n_users = space.dims.num_users;
-    // Without held-out items there is nothing to stop on: recall over no
-    // users is 0 every epoch, and "best" would silently be epoch 0.
-    let validate = holdout.is_usable();
-    for epoch in 0..cfg.tt_epochs {
+    let epoch = |pb: &ProgressBar| -> Result<f64, TrainError> {
         order.shuffle(&mut rng);
         let mut total = 0.0;
         for chunk in order.chunks(cfg.tt_batch) {
@@ -290,44 +490,24 @@ pub fn train_two_tower(
             let items: Vec<u32> = chunk.iter().map(|&i| train[i].1).collect();
             let inputs = dropout_users(space, tables, &users, cfg.user_dropout, &mut rng, dev)?;
             let target = Tensor::from_vec(items, chunk.len(), dev)?;
-            let u = model.user(&inputs)?;
+            // The temperature scales the [batch, dim] user side, not the
+            // [batch, items] logits: the same logits for a fraction of the work.
+            let u = (model.user(&inputs)? * inv_t)?;
             let v = model.item(&tables.items)?;
-            let logits = (u.matmul(&v.t()?)? * inv_t)?;
+            let logits = u.matmul(&v.t()?)?;
             let loss = cascade_model::ops::cross_entropy(&logits, &target)?;
             opt.backward_step(&loss)?;
             total += loss.to_scalar::<f32>()? as f64;
             pb.inc(1);
         }
-        let loss = total / steps as f64;
-        curve.train_loss.push(loss);
-        if !validate {
-            // A refit on all data: every configured epoch runs, the last one is kept.
-            curve.best_epoch = epoch;
-            pb.set_message(format!("epoch {epoch} loss {loss:.4}"));
-            continue;
-        }
+        Ok(total / chunks_of(train.len(), cfg.tt_batch))
+    };
+    let validate = || -> Result<f64, TrainError> {
         let (u, v) = tower_embeddings(&model, tables, dev)?;
         let scores: Vec<f32> = u.matmul(&v.t()?)?.flatten_all()?.to_vec1()?;
-        debug_assert_eq!(scores.len(), n_users * n_items);
-        let r = recall_at_10(&scores, n_items, holdout);
-        curve.valid_metric.push(r);
-        pb.set_message(format!("epoch {epoch} loss {loss:.4} valid R@10 {r:.4}"));
-        if r > best {
-            best = r;
-            best_snap = Some(snapshot(&varmap)?);
-            curve.best_epoch = epoch;
-            since_best = 0;
-        } else {
-            since_best += 1;
-            if since_best >= cfg.patience {
-                break;
-            }
-        }
-    }
-    finish(&pb, &mut curve, t0);
-    if let Some(s) = best_snap {
-        restore(&varmap, &s)?;
-    }
+        Ok(recall_at_10(&scores, space.dims.num_items, holdout))
+    };
+    let curve = run_epochs(spec, &varmap, epoch, validate)?;
     Ok(TrainedTwoTower {
         varmap,
         model,
@@ -450,6 +630,7 @@ pub fn train_ranker(
     data: &RankerData,
     valid: &[(u32, u32, f32)],
     cfg: &TrainConfig,
+    schedule: Schedule,
     dev: &Device,
 ) -> Result<TrainedRanker, TrainError> {
     let varmap = VarMap::new();
@@ -470,16 +651,17 @@ pub fn train_ranker(
     let vrows = data.rows(valid, space.dims.num_items, &mut vrng);
     let vratings: Vec<f32> = valid.iter().map(|x| x.2).collect();
     let mut order: Vec<usize> = (0..data.train.len()).collect();
-    let steps = data.train.len().div_ceil(cfg.ranker_batch);
-    let pb = progress(cfg.progress, (steps * cfg.ranker_epochs) as u64, "ranker");
-    let t0 = std::time::Instant::now();
-    let mut curve = Curve {
-        model: "ranker".into(),
-        valid_metric_name: "valid MSE + BCE".into(),
-        ..Default::default()
+    let spec = LoopSpec {
+        name: "ranker",
+        metric_name: "valid MSE + BCE",
+        higher_is_better: false,
+        epochs: cfg.ranker_epochs,
+        steps_per_epoch: data.train.len().div_ceil(cfg.ranker_batch),
+        progress: cfg.progress,
+        validates: !valid.is_empty(),
+        schedule,
     };
-    let (mut best, mut best_snap, mut since_best) = (f64::INFINITY, None, 0);
-    for epoch in 0..cfg.ranker_epochs {
+    let epoch = |pb: &ProgressBar| -> Result<f64, TrainError> {
         order.shuffle(&mut rng);
         let mut total = 0.0;
         for chunk in order.chunks(cfg.ranker_batch) {
@@ -493,34 +675,13 @@ pub fn train_ranker(
             total += loss.to_scalar::<f32>()? as f64;
             pb.inc(1);
         }
-        let loss = total / steps as f64;
-        curve.train_loss.push(loss);
-        if valid.is_empty() {
-            // A refit on all data: every configured epoch runs, the last one is kept.
-            curve.best_epoch = epoch;
-            pb.set_message(format!("epoch {epoch} loss {loss:.4}"));
-            continue;
-        }
+        Ok(total / chunks_of(data.train.len(), cfg.ranker_batch))
+    };
+    let validate = || -> Result<f64, TrainError> {
         let (mse, bce) = ranker_loss(&model, tables, &vrows, &vrows.0, &vratings, dev)?;
-        let v = (mse.to_scalar::<f32>()? + bce.to_scalar::<f32>()?) as f64;
-        curve.valid_metric.push(v);
-        pb.set_message(format!("epoch {epoch} loss {loss:.4} valid {v:.4}"));
-        if v < best {
-            best = v;
-            best_snap = Some(snapshot(&varmap)?);
-            curve.best_epoch = epoch;
-            since_best = 0;
-        } else {
-            since_best += 1;
-            if since_best >= cfg.patience {
-                break;
-            }
-        }
-    }
-    finish(&pb, &mut curve, t0);
-    if let Some(s) = best_snap {
-        restore(&varmap, &s)?;
-    }
+        Ok((mse.to_scalar::<f32>()? + bce.to_scalar::<f32>()?) as f64)
+    };
+    let curve = run_epochs(spec, &varmap, epoch, validate)?;
     Ok(TrainedRanker {
         varmap,
         model,
@@ -597,16 +758,20 @@ pub fn train_bpr(
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(4));
     let mut order: Vec<usize> = (0..train.len()).collect();
     let batch = 2048;
-    let steps = train.len().div_ceil(batch);
-    let pb = progress(cfg.progress, (steps * cfg.bpr_epochs) as u64, "bpr");
-    let t0 = std::time::Instant::now();
-    let mut curve = Curve {
-        model: "bpr".into(),
-        valid_metric_name: "valid Recall@10".into(),
-        ..Default::default()
+    let spec = LoopSpec {
+        name: "bpr",
+        metric_name: "valid Recall@10",
+        higher_is_better: true,
+        epochs: cfg.bpr_epochs,
+        steps_per_epoch: train.len().div_ceil(batch),
+        progress: cfg.progress,
+        validates: holdout.is_usable(),
+        schedule: Schedule::EarlyStop {
+            patience: cfg.patience,
+            publish: None,
+        },
     };
-    let (mut best, mut best_snap, mut since_best) = (f64::NEG_INFINITY, None, 0);
-    for epoch in 0..cfg.bpr_epochs {
+    let epoch = |pb: &ProgressBar| -> Result<f64, TrainError> {
         order.shuffle(&mut rng);
         let mut total = 0.0;
         for chunk in order.chunks(batch) {
@@ -641,35 +806,25 @@ pub fn train_bpr(
             total += loss.to_scalar::<f32>()? as f64;
             pb.inc(1);
         }
+        Ok(total / chunks_of(train.len(), batch))
+    };
+    let validate = || -> Result<f64, TrainError> {
         let ue = model.user.embeddings();
         let ie = model.item.embeddings();
         let scores: Vec<f32> = ue.matmul(&ie.t()?)?.flatten_all()?.to_vec1()?;
-        let r = recall_at_10(&scores, ni, holdout);
-        let loss = total / steps as f64;
-        curve.train_loss.push(loss);
-        curve.valid_metric.push(r);
-        pb.set_message(format!("epoch {epoch} loss {loss:.4} valid R@10 {r:.4}"));
-        if r > best {
-            best = r;
-            best_snap = Some(snapshot(&varmap)?);
-            curve.best_epoch = epoch;
-            since_best = 0;
-        } else {
-            since_best += 1;
-            if since_best >= cfg.patience {
-                break;
-            }
-        }
-    }
-    finish(&pb, &mut curve, t0);
-    if let Some(s) = best_snap {
-        restore(&varmap, &s)?;
-    }
+        Ok(recall_at_10(&scores, ni, holdout))
+    };
+    let curve = run_epochs(spec, &varmap, epoch, validate)?;
     Ok(TrainedBpr {
         varmap,
         model,
         curve,
     })
+}
+
+/// Batches in an epoch of `n` rows, as a divisor for the mean batch loss.
+fn chunks_of(n: usize, batch: usize) -> f64 {
+    n.div_ceil(batch.max(1)).max(1) as f64
 }
 
 /// Squared L2 norm of the gathered rows, summed over the row and averaged over the batch.

@@ -300,27 +300,88 @@ fn the_artifact_is_refit_on_every_interaction_with_the_chosen_epochs() {
     assert_eq!(a.serving.cascade_weights, report.ranking.cascade_weights);
 }
 
+/// A small planted dataset with every interaction in training and no
+/// validation rows: what a refit trains on.
+struct RefitFixture {
+    space: cascade_train::features::FeatureSpace,
+    tables: cascade_train::features::Tables,
+    pairs: Vec<(u32, u32)>,
+    empty: Vec<std::collections::HashSet<u32>>,
+}
+
+impl RefitFixture {
+    fn new(users: usize, items: usize) -> Self {
+        use cascade_train::features::{FeatureSpace, Tables};
+        let ds = planted(users, items, 2, 10, 6);
+        let text = fake_text(&ds);
+        let all: Vec<usize> = (0..ds.interactions.len()).collect();
+        let space = FeatureSpace::build(&ds, &all, 8, 20);
+        let tables = Tables::build(&space, &ds.items, &text, &Device::Cpu).unwrap();
+        let pairs = ds.interactions.iter().map(|x| (x.user, x.item)).collect();
+        let empty = vec![std::collections::HashSet::new(); ds.users.len()];
+        Self {
+            space,
+            tables,
+            pairs,
+            empty,
+        }
+    }
+
+    /// Train the two-tower for `epochs` under `schedule`.
+    fn train(
+        &self,
+        epochs: usize,
+        schedule: cascade_train::train::Schedule,
+    ) -> Result<cascade_train::train::TrainedTwoTower, cascade_train::TrainError> {
+        let holdout = cascade_train::train::Holdout {
+            seen: &self.empty,
+            relevant: &self.empty,
+        };
+        let cfg = TrainConfig {
+            tt_epochs: epochs,
+            patience: 1,
+            ..small_cfg()
+        };
+        cascade_train::train::train_two_tower(
+            &self.space,
+            &self.tables,
+            &self.pairs,
+            &holdout,
+            &cfg,
+            schedule,
+            &Device::Cpu,
+        )
+    }
+
+    /// The user tower's outputs for every user.
+    fn users(&self, t: &cascade_train::train::TrainedTwoTower) -> candle_core::Tensor {
+        cascade_train::train::tower_embeddings(&t.model, &self.tables, &Device::Cpu)
+            .unwrap()
+            .0
+    }
+}
+
+const EARLY: cascade_train::train::Schedule = cascade_train::train::Schedule::EarlyStop {
+    patience: 1,
+    publish: None,
+};
+
+/// Max absolute difference between two tensors.
+fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 #[test]
 fn without_validation_every_epoch_runs_and_the_last_is_kept() {
-    use cascade_train::features::{FeatureSpace, Tables};
-    use cascade_train::train::{tower_embeddings, train_two_tower, Holdout};
-    let ds = planted(30, 40, 2, 10, 6);
-    let text = fake_text(&ds);
-    let all: Vec<usize> = (0..ds.interactions.len()).collect();
-    let space = FeatureSpace::build(&ds, &all, 8, 20);
-    let tables = Tables::build(&space, &ds.items, &text, &Device::Cpu).unwrap();
-    let pairs: Vec<(u32, u32)> = ds.interactions.iter().map(|x| (x.user, x.item)).collect();
-    let empty = vec![std::collections::HashSet::new(); ds.users.len()];
-    let holdout = Holdout {
-        seen: &empty,
-        relevant: &empty,
-    };
-    let cfg = TrainConfig {
-        tt_epochs: 4,
-        patience: 1,
-        ..small_cfg()
-    };
-    let t = train_two_tower(&space, &tables, &pairs, &holdout, &cfg, &Device::Cpu).unwrap();
+    let f = RefitFixture::new(30, 40);
+    let t = f.train(4, EARLY).unwrap();
     assert_eq!(
         t.curve.train_loss.len(),
         4,
@@ -331,31 +392,48 @@ fn without_validation_every_epoch_runs_and_the_last_is_kept() {
     // The weights are the last epoch's, not epoch 0's: a rerun of four
     // epochs reproduces them exactly, a one-epoch run from the same seed
     // (epoch 0's weights) does not.
-    let again = train_two_tower(&space, &tables, &pairs, &holdout, &cfg, &Device::Cpu).unwrap();
-    let (u1, _) = tower_embeddings(&t.model, &tables, &Device::Cpu).unwrap();
-    let (u2, _) = tower_embeddings(&again.model, &tables, &Device::Cpu).unwrap();
-    let d: f32 = (u1.clone() - u2)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert_eq!(d, 0.0);
-    let one = TrainConfig {
-        tt_epochs: 1,
-        ..cfg.clone()
-    };
-    let first = train_two_tower(&space, &tables, &pairs, &holdout, &one, &Device::Cpu).unwrap();
-    let (u0, _) = tower_embeddings(&first.model, &tables, &Device::Cpu).unwrap();
-    let moved: f32 = (u1 - u0)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    assert!(moved > 1e-3, "four epochs kept epoch 0's weights");
+    let u = f.users(&t);
+    assert_eq!(max_diff(&u, &f.users(&f.train(4, EARLY).unwrap())), 0.0);
+    assert!(
+        max_diff(&u, &f.users(&f.train(1, EARLY).unwrap())) > 1e-3,
+        "four epochs kept epoch 0's weights"
+    );
+}
+
+#[test]
+fn a_refit_following_a_choice_keeps_exactly_that_epochs_weights() {
+    use cascade_train::train::{EpochChoice, Schedule};
+    let f = RefitFixture::new(30, 40);
+    // The choice (epoch 2) arrives from another thread while the follower
+    // trains, after a "best so far" of epoch 1, as an evaluation lane sends it.
+    let choice = EpochChoice::default();
+    let followed = std::thread::scope(|s| {
+        s.spawn(|| {
+            choice.best_so_far(1);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            choice.choose(2);
+        });
+        f.train(6, Schedule::Follow(&choice)).unwrap()
+    });
+    assert_eq!(followed.curve.best_epoch, 2);
+    assert_eq!(followed.curve.train_loss.len(), 3, "the shipped epochs");
+    let u = f.users(&followed);
+    // Same weights as a plain three-epoch run, not the two- or four-epoch one.
+    let plain = |epochs| f.users(&f.train(epochs, EARLY).unwrap());
+    assert_eq!(max_diff(&u, &plain(3)), 0.0);
+    assert!(max_diff(&u, &plain(2)) > 1e-4);
+    assert!(max_diff(&u, &plain(4)) > 1e-4);
+}
+
+#[test]
+fn a_refit_whose_evaluation_failed_stops_with_an_error() {
+    use cascade_train::train::{EpochChoice, Schedule};
+    let f = RefitFixture::new(20, 30);
+    let choice = EpochChoice::default();
+    choice.cancel();
+    let err = f
+        .train(3, Schedule::Follow(&choice))
+        .err()
+        .expect("a cancelled choice must not leave the refit waiting");
+    assert!(err.to_string().contains("stopped before choosing"), "{err}");
 }

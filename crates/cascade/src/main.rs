@@ -443,6 +443,12 @@ struct TrainArgs {
     /// Early stopping: epochs without validation improvement before a model stops.
     #[arg(long, default_value_t = TrainConfig::default().patience)]
     patience: usize,
+    /// Most two-tower epochs (early stopping on validation may stop sooner).
+    #[arg(long, env = "CASCADE_TT_EPOCHS", default_value_t = TrainConfig::default().tt_epochs)]
+    tt_epochs: usize,
+    /// Most ranker epochs (early stopping on validation may stop sooner).
+    #[arg(long, env = "CASCADE_RANKER_EPOCHS", default_value_t = TrainConfig::default().ranker_epochs)]
+    ranker_epochs: usize,
     /// Retrieved candidates the ranker reorders in the cascade.
     #[arg(long, default_value_t = 200)]
     candidates: usize,
@@ -451,9 +457,11 @@ struct TrainArgs {
     /// that serves new users from their events and context.
     #[arg(long, env = "CASCADE_USER_DROPOUT", default_value_t = TrainConfig::default().user_dropout)]
     user_dropout: f64,
-    /// Skip the 90/10 rating protocol (RMSE/MAE).
-    #[arg(long)]
-    skip_rating_eval: bool,
+    /// Also run the 90/10 rating protocol (RMSE/MAE) beside the ranking one
+    /// (`cascade eval` always does). The artifact does not need it: it is a
+    /// third training run, so `cascade train` leaves it out by default.
+    #[arg(long, env = "CASCADE_RATING_EVAL")]
+    rating_eval: bool,
     /// Also write the report (metrics and per-epoch curves) as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -470,6 +478,9 @@ struct TrainArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Train(_) | Cmd::Eval(_)) {
+        lane_threads();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,hnsw_rs=warn,anndists=warn".into());
     let logs = tracing_subscriber::fmt()
@@ -492,6 +503,19 @@ fn main() -> Result<()> {
         Cmd::Audit(a) => audit_cmd(a),
         Cmd::Verify { artifact } => verify_cmd(&artifact),
     }
+}
+
+/// Training runs two lanes at once (evaluation and refit, or the two
+/// protocols): give each half the cores for Candle's per-op threads, unless
+/// `RAYON_NUM_THREADS` says otherwise. Candle reads the variable on every op.
+fn lane_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: called at the top of `main`, before any thread is started, so
+    // nothing can read the environment concurrently.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", (cores / 2).max(1).to_string()) };
 }
 
 fn fetch_cmd(a: FetchArgs) -> Result<()> {
@@ -547,13 +571,15 @@ fn train_cmd(a: TrainArgs, write: bool) -> Result<()> {
     let cfg = TrainConfig {
         seed: a.seed,
         patience: a.patience,
+        tt_epochs: a.tt_epochs,
+        ranker_epochs: a.ranker_epochs,
         user_dropout: a.user_dropout,
         progress: !a.quiet,
         ..Default::default()
     };
     let opts = pipeline::RunOptions {
         candidates: a.candidates,
-        with_rating: !a.skip_rating_eval,
+        with_rating: a.rating_eval || !write,
         index: IndexParams::default(),
     };
     let (report, written) = if write {
@@ -623,6 +649,8 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     let cfg = TrainConfig {
         seed: t.seed,
         patience: t.patience,
+        tt_epochs: t.tt_epochs,
+        ranker_epochs: t.ranker_epochs,
         user_dropout: t.user_dropout,
         progress: !t.quiet,
         ..Default::default()
@@ -915,9 +943,11 @@ fn train_first(a: &ServeArgs) -> Result<()> {
             cache,
             seed: 2026,
             patience: TrainConfig::default().patience,
+            tt_epochs: TrainConfig::default().tt_epochs,
+            ranker_epochs: TrainConfig::default().ranker_epochs,
             candidates: 200,
             user_dropout: TrainConfig::default().user_dropout,
-            skip_rating_eval: true,
+            rating_eval: false,
             report: None,
             curves: None,
             device: a.device.clone(),

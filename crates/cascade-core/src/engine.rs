@@ -19,9 +19,9 @@ use crate::batch::{BatchConfig, Batcher, CallCtx, Rows};
 use crate::events::{Event, EventStore};
 use crate::metrics::EngineMetrics;
 use crate::{
-    check_context, check_user, invalid, CacheUse, EngineError, PersonalizedBy, PredictRequest,
-    PredictResponse, RankResponse, ScoredItem, Stage, StageClock, StageTimings, MAX_CANDIDATES,
-    SEEN_FILTER_FP_RATE,
+    check_context, check_event, check_ids, check_user, invalid, CacheUse, EngineError,
+    PersonalizedBy, PredictRequest, PredictResponse, RankResponse, ScoredItem, Stage, StageClock,
+    StageTimings, MAX_CANDIDATES, SEEN_FILTER_FP_RATE,
 };
 
 /// Serving knobs for one model version.
@@ -323,6 +323,7 @@ impl Engine {
                 format!("must hold 1..={MAX_CANDIDATES} IDs, got {}", item_ids.len()),
             ));
         }
+        check_ids("item_ids", item_ids)?;
         let mut ids = Vec::with_capacity(item_ids.len());
         for id in item_ids {
             match m.item_index.get(id) {
@@ -384,6 +385,7 @@ impl Engine {
         let mut clock = StageClock::start();
         check_user(user_id)?;
         check_context(context_item_ids)?;
+        check_ids("exclude_item_ids", exclude_item_ids)?;
         if min_candidates > MAX_CANDIDATES {
             return Err(invalid(
                 "min_candidates",
@@ -458,8 +460,7 @@ impl Engine {
             ));
         }
         for (n, ev) in events.iter().enumerate() {
-            check_user(&ev.user_id)
-                .map_err(|_| invalid("events.user_id", format!("event {n}: must not be empty")))?;
+            check_event(n, ev)?;
             if !self.model.item_index.contains_key(&ev.item_id) {
                 return Err(invalid(
                     "events.item_id",

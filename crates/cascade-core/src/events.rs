@@ -1,6 +1,12 @@
 //! Accepted user–item events: an append-only, fsync'd log on disk and an
 //! in-memory overlay per user. The store is keyed by IDs, not model indices,
 //! so it outlives model versions: a reload keeps every accepted event.
+//!
+//! The log is JSON lines. An append writes whole lines and is acknowledged
+//! only after `fsync`; a failed append (disk full, I/O error) is rolled back
+//! by truncating to the last good length, so no partial line is ever left
+//! for the next append to be glued onto. On start-up an unterminated final
+//! line (a crash mid-append: never acknowledged) is cut by bytes.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -25,7 +31,16 @@ pub struct Event {
 #[derive(Default)]
 pub struct EventStore {
     by_user: RwLock<HashMap<String, Vec<String>>>,
-    log: Option<(PathBuf, Mutex<std::fs::File>)>,
+    log: Option<(PathBuf, Mutex<LogFile>)>,
+}
+
+/// The open log and the length of its acknowledged content.
+struct LogFile {
+    file: std::fs::File,
+    good_len: u64,
+    /// A rollback failed: the file may end in a partial line, so cut it
+    /// back to `good_len` before anything else is appended.
+    dirty: bool,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -39,8 +54,9 @@ impl EventStore {
     }
 
     /// Open (creating if needed) the append-only log at `path` and replay it.
-    /// A torn final line (a crash mid-append) is cut off with a warning; any
-    /// other bad line is an error naming the line. Returns (store, replayed).
+    /// An unterminated final line (a crash mid-append, never acknowledged)
+    /// is cut off with a warning; any other bad line is an error naming the
+    /// line. Returns (store, replayed).
     pub fn open(path: &Path) -> Result<(Self, usize), EngineError> {
         let err = |msg: String| EngineError::EventLog {
             path: path.to_path_buf(),
@@ -48,40 +64,47 @@ impl EventStore {
         };
         let store = Self::default();
         let mut replayed = 0;
-        if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-            let lines: Vec<&str> = text.split('\n').collect();
-            for (n, line) in lines.iter().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<Event>(line) {
-                    Ok(ev) => {
-                        store.remember(&ev.user_id, &ev.item_id);
-                        replayed += 1;
-                    }
-                    Err(_) if n + 1 == lines.len() => {
-                        // Cut it off so the next append starts on a clean line.
-                        tracing::warn!("{}: dropping a torn final line", path.display());
-                        let keep = text.rfind('\n').map(|p| p + 1).unwrap_or(0) as u64;
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .open(path)
-                            .and_then(|f| f.set_len(keep))
-                            .map_err(|e| err(e.to_string()))?;
-                    }
-                    Err(e) => return Err(err(format!("line {}: {e}", n + 1))),
-                }
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(err(e.to_string())),
+        };
+        // Everything after the last newline was never acknowledged.
+        let good_len = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        for (n, line) in bytes[..good_len].split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
             }
+            let ev: Event = std::str::from_utf8(line)
+                .map_err(|e| e.to_string())
+                .and_then(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
+                .map_err(|e| err(format!("line {}: {e}", n + 1)))?;
+            store.remember(&ev.user_id, &ev.item_id);
+            replayed += 1;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|e| err(e.to_string()))?;
+        if good_len < bytes.len() {
+            tracing::warn!(
+                "{}: cutting {} bytes of an unterminated final line (an append that never completed)",
+                path.display(),
+                bytes.len() - good_len
+            );
+            file.set_len(good_len as u64)
+                .and_then(|_| file.sync_data())
+                .map_err(|e| err(e.to_string()))?;
+        }
+        let log = LogFile {
+            file,
+            good_len: good_len as u64,
+            dirty: false,
+        };
         Ok((
             Self {
-                log: Some((path.to_path_buf(), Mutex::new(file))),
+                log: Some((path.to_path_buf(), Mutex::new(log))),
                 ..store
             },
             replayed,
@@ -97,25 +120,39 @@ impl EventStore {
     }
 
     /// Append already-validated events to the log (flushed to disk before
-    /// returning), then make them visible. Nothing is visible if the write fails.
+    /// returning), then make them visible. If the write fails, the log is
+    /// cut back to what it held before and nothing becomes visible.
     pub fn append(&self, events: &[Event]) -> Result<(), EngineError> {
         if let Some((path, log)) = &self.log {
+            let err = |msg: String| EngineError::EventLog {
+                path: path.clone(),
+                msg,
+            };
             let mut buf = String::new();
             for ev in events {
-                let line = serde_json::to_string(ev).map_err(|e| EngineError::EventLog {
-                    path: path.clone(),
-                    msg: e.to_string(),
-                })?;
-                buf.push_str(&line);
+                buf.push_str(&serde_json::to_string(ev).map_err(|e| err(e.to_string()))?);
                 buf.push('\n');
             }
-            let mut f = log.lock().unwrap_or_else(|p| p.into_inner());
-            f.write_all(buf.as_bytes())
-                .and_then(|_| f.sync_data())
-                .map_err(|e| EngineError::EventLog {
-                    path: path.clone(),
-                    msg: e.to_string(),
-                })?;
+            let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+            let good = log.good_len;
+            if log.dirty {
+                log.file
+                    .set_len(good)
+                    .map_err(|e| err(format!("restoring the log to {good} bytes: {e}")))?;
+                log.dirty = false;
+            }
+            let written = log
+                .file
+                .write_all(buf.as_bytes())
+                .and_then(|_| log.file.sync_data());
+            if let Err(e) = written {
+                // Roll back the partial write; if even that fails, the next
+                // append retries it before writing.
+                let rolled = log.file.set_len(good).and_then(|_| log.file.sync_data());
+                log.dirty = rolled.is_err();
+                return Err(err(e.to_string()));
+            }
+            log.good_len = good + buf.len() as u64;
         }
         for ev in events {
             self.remember(&ev.user_id, &ev.item_id);
@@ -135,5 +172,78 @@ impl EventStore {
     /// that changes whenever the user's state does (cache keys use it).
     pub fn generation(&self, user_id: &str) -> usize {
         read(&self.by_user).get(user_id).map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(user: &str, item: &str) -> Event {
+        Event {
+            user_id: user.into(),
+            item_id: item.into(),
+            kind: "view".into(),
+            timestamp: 1,
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_by_bytes_even_mid_utf8() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let (store, _) = EventStore::open(&path).unwrap();
+        store.append(&[ev("ü1", "i1")]).unwrap();
+        drop(store);
+        let good = std::fs::read(&path).unwrap();
+        // A crash mid-append: half of a line, ending inside a two-byte "é".
+        let mut torn = good.clone();
+        let line = serde_json::to_string(&ev("é2", "i2")).unwrap().into_bytes();
+        let cut = line.iter().position(|&b| b == 0xC3).unwrap() + 1;
+        torn.extend_from_slice(&line[..cut]);
+        std::fs::write(&path, &torn).unwrap();
+
+        let (store, replayed) = EventStore::open(&path).unwrap();
+        assert_eq!(replayed, 1);
+        assert_eq!(std::fs::read(&path).unwrap(), good, "torn bytes not cut");
+        store.append(&[ev("u3", "i3")]).unwrap();
+        drop(store);
+        let (store, replayed) = EventStore::open(&path).unwrap();
+        assert_eq!(replayed, 2);
+        assert_eq!(store.items("ü1"), ["i1"]);
+        assert_eq!(store.items("u3"), ["i3"]);
+        assert!(
+            store.items("é2").is_empty(),
+            "an unacknowledged event came back"
+        );
+    }
+
+    #[test]
+    fn an_unterminated_complete_line_is_not_glued_to_the_next_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        // Valid JSON, but its newline never reached the disk.
+        let line = serde_json::to_string(&ev("u1", "i1")).unwrap();
+        std::fs::write(&path, &line).unwrap();
+        let (store, replayed) = EventStore::open(&path).unwrap();
+        assert_eq!(replayed, 0);
+        store.append(&[ev("u2", "i2")]).unwrap();
+        drop(store);
+        let (store, replayed) = EventStore::open(&path).unwrap();
+        assert_eq!(replayed, 1);
+        assert_eq!(store.items("u2"), ["i2"]);
+    }
+
+    #[test]
+    fn a_bad_line_inside_the_log_names_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let good = serde_json::to_string(&ev("u1", "i1")).unwrap();
+        std::fs::write(&path, format!("{good}\n{{oops\n{good}\n")).unwrap();
+        let e = EventStore::open(&path).err().expect("must refuse");
+        assert!(e.to_string().contains("line 2"), "{e}");
+        std::fs::write(&path, [good.as_bytes(), b"\n\xff\xfe\n"].concat()).unwrap();
+        let e = EventStore::open(&path).err().expect("must refuse");
+        assert!(e.to_string().contains("line 2"), "{e}");
     }
 }

@@ -48,8 +48,7 @@ impl EngineHandle {
         events: Arc<EventStore>,
     ) -> Result<Self, EngineError> {
         let dir = resolve(root, None)?;
-        let engine = Engine::load_with(&dir, device, cfg.clone(), events)?;
-        engine.warm()?;
+        let engine = load_warm(&dir, device, cfg.clone(), events)?;
         Ok(Self::from_engine(engine, device, cfg))
     }
 
@@ -97,8 +96,7 @@ impl EngineHandle {
                 load_time: t0.elapsed(),
             });
         }
-        let new = Engine::load_with(&dir, &self.device, self.cfg.clone(), self.events.clone())?;
-        new.warm()?;
+        let new = load_warm(&dir, &self.device, self.cfg.clone(), self.events.clone())?;
         let model_version = new.model_version().to_string();
         self.current.store(Arc::new(new));
         tracing::info!(
@@ -153,6 +151,37 @@ impl EngineHandle {
                 }
             })
     }
+}
+
+/// Load and warm a version, with any panic inside (hnsw_rs asserts on
+/// graph files it cannot make sense of, even when their checksums match a
+/// bad build's manifest) turned into an error: a bad version must never
+/// take the server, or the watcher thread, down with it.
+fn load_warm(
+    dir: &Path,
+    device: &Device,
+    cfg: EngineConfig,
+    events: Arc<EventStore>,
+) -> Result<Engine, EngineError> {
+    let load = || {
+        let engine = Engine::load_with(dir, device, cfg, events)?;
+        engine.warm()?;
+        Ok(engine)
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!("loading {} panicked: {what}", dir.display());
+        Err(EngineError::Internal(format!(
+            "version {} could not be loaded: its files are inconsistent (details in the server log)",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        )))
+    })
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {

@@ -29,6 +29,14 @@ pub const MAX_RESULTS: usize = 1000;
 pub const MAX_CANDIDATES: usize = 10_000;
 /// Upper bound on context item IDs.
 pub const MAX_CONTEXT: usize = 100;
+/// Longest user or item ID accepted, in bytes: IDs are keys, not payloads,
+/// and every accepted event's IDs are written to the log and kept in memory.
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest event `kind`, in bytes.
+pub const MAX_KIND_BYTES: usize = 64;
+/// Latest event timestamp accepted: the end of year 9999, in seconds since
+/// the Unix epoch (earliest: 0).
+pub const MAX_TIMESTAMP: i64 = 253_402_300_799;
 
 use std::time::{Duration, Instant};
 
@@ -120,6 +128,8 @@ impl PredictRequest {
                 ),
             ));
         }
+        check_ids("candidate_item_ids", &self.candidate_item_ids)?;
+        check_ids("exclude_item_ids", &self.exclude_item_ids)?;
         check_context(&self.context_item_ids)
     }
 }
@@ -131,12 +141,60 @@ pub(crate) fn check_context(ids: &[String]) -> Result<(), EngineError> {
             format!("at most {MAX_CONTEXT} IDs, got {}", ids.len()),
         ));
     }
-    Ok(())
+    check_ids("context.item_ids", ids)
+}
+
+/// What is wrong with an ID, if anything.
+fn id_problem(id: &str) -> Option<String> {
+    if id.trim().is_empty() {
+        Some("must not be empty".into())
+    } else if id.len() > MAX_ID_BYTES {
+        Some(format!("at most {MAX_ID_BYTES} bytes, got {}", id.len()))
+    } else {
+        None
+    }
 }
 
 pub(crate) fn check_user(user_id: &str) -> Result<(), EngineError> {
-    if user_id.trim().is_empty() {
-        return Err(invalid("user_id", "must not be empty"));
+    id_problem(user_id).map_or(Ok(()), |p| Err(invalid("user_id", p)))
+}
+
+/// Every ID of a list is at most [`MAX_ID_BYTES`] (empty ones are simply unknown).
+pub(crate) fn check_ids(field: &'static str, ids: &[String]) -> Result<(), EngineError> {
+    match ids.iter().position(|id| id.len() > MAX_ID_BYTES) {
+        Some(n) => Err(invalid(
+            field,
+            format!("ID {n}: at most {MAX_ID_BYTES} bytes, got {}", ids[n].len()),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// One event's fields, before anything is written; `n` is its position.
+pub(crate) fn check_event(n: usize, ev: &Event) -> Result<(), EngineError> {
+    if let Some(p) = id_problem(&ev.user_id) {
+        return Err(invalid("events.user_id", format!("event {n}: {p}")));
+    }
+    if let Some(p) = id_problem(&ev.item_id) {
+        return Err(invalid("events.item_id", format!("event {n}: {p}")));
+    }
+    if ev.kind.len() > MAX_KIND_BYTES {
+        return Err(invalid(
+            "events.kind",
+            format!(
+                "event {n}: at most {MAX_KIND_BYTES} bytes, got {}",
+                ev.kind.len()
+            ),
+        ));
+    }
+    if !(0..=MAX_TIMESTAMP).contains(&ev.timestamp) {
+        return Err(invalid(
+            "events.timestamp",
+            format!(
+                "event {n}: seconds since the Unix epoch in 0..={MAX_TIMESTAMP}, got {}",
+                ev.timestamp
+            ),
+        ));
     }
     Ok(())
 }

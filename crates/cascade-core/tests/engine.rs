@@ -536,6 +536,92 @@ fn reload_names_only_versions_under_the_root() {
     assert_eq!(h.current().model_version(), version);
 }
 
+/// Copy version `src` to `root/name` with `corrupt` applied to its HNSW
+/// graph file, then re-seal the manifest: the checksums match, as they do
+/// for a bad build or a bad copy that was sealed afterwards.
+fn corrupt_copy(
+    src: &std::path::Path,
+    root: &std::path::Path,
+    name: &str,
+    corrupt: impl Fn(&mut Vec<u8>),
+) -> std::path::PathBuf {
+    let dst = root.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+    let graph = dst.join(format!("{}.hnsw.graph", cascade_retrieval::INDEX_BASENAME));
+    let mut bytes = std::fs::read(&graph).unwrap();
+    corrupt(&mut bytes);
+    std::fs::write(&graph, bytes).unwrap();
+    let text = std::fs::read_to_string(dst.join("manifest.json")).unwrap();
+    let m: cascade_model::artifact::Manifest = serde_json::from_str(&text).unwrap();
+    m.seal(&dst).unwrap();
+    dst
+}
+
+#[test]
+fn a_corrupt_version_is_an_error_and_the_watcher_keeps_polling() {
+    let (root, e) = engine();
+    let good = e.dir().to_path_buf();
+    let version = e.model_version().to_string();
+    let h = std::sync::Arc::new(cascade_core::EngineHandle::from_engine(
+        e,
+        &Device::Cpu,
+        Default::default(),
+    ));
+    type Corruption = (&'static str, fn(&mut Vec<u8>));
+    let corruptions: [Corruption; 4] = [
+        ("truncated", |b| b.truncate(b.len() / 2)),
+        ("zeroed", |b| {
+            let n = b.len();
+            b[n / 4..n / 2].fill(0);
+        }),
+        ("ones", |b| {
+            let n = b.len();
+            b[16..n / 2].fill(0xff);
+        }),
+        ("header", |b| {
+            let n = 64.min(b.len());
+            b[..n].fill(0x7f);
+        }),
+    ];
+    for (i, (what, corrupt)) in corruptions.iter().enumerate() {
+        let name = format!("99999999999{i}-bad");
+        corrupt_copy(&good, root.path(), &name, corrupt);
+        match h.reload(Some(&name)) {
+            Err(e) => assert!(!e.to_string().contains("panicked"), "{what}: {e}"),
+            // A corruption hnsw_rs cannot see must still serve.
+            Ok(_) => {
+                h.current().predict(&req("u1", 5)).unwrap();
+                h.reload(good.file_name().unwrap().to_str()).unwrap();
+            }
+        }
+        assert_eq!(h.current().model_version(), version, "{what}");
+    }
+    // The watcher meets the newest (bad) version first, then a good one
+    // dropped later: it must survive the first and serve the second.
+    let bad = corrupt_copy(&good, root.path(), "999999999998-bad", |b| {
+        b.truncate(b.len() / 2)
+    });
+    assert!(h.reload(bad.file_name().unwrap().to_str()).is_err());
+    let watcher = h.watch(std::time::Duration::from_millis(50)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(h.current().model_version(), version);
+    let (newer, m) = pipeline::reindex(&good, root.path(), IndexParams::default()).unwrap();
+    std::fs::rename(&newer, root.path().join("999999999999-good")).unwrap();
+    let t0 = std::time::Instant::now();
+    while h.current().model_version() == version {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30) && !watcher.is_finished(),
+            "the watcher did not pick up the good version"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(h.current().model_version(), m.model_version);
+}
+
 #[test]
 fn a_synthetic_catalogue_serves_like_a_trained_one() {
     let root = tempfile::tempdir().unwrap();

@@ -310,17 +310,37 @@ pub fn default_workers() -> usize {
 pub(crate) const MIN_BUDGET: Duration = Duration::from_millis(1);
 
 /// The caller's remaining time, from the `grpc-timeout` request header.
-pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = meta.get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
+///
+/// The gRPC spec allows at most 8 digits and a unit (`H M S m u n`): so the
+/// longest deadline is 99,999,999 hours, which an `Instant` can always add.
+/// Anything else (more digits, no unit, not ASCII) is the client's error:
+/// `INVALID_ARGUMENT` naming the header, never a panic further on.
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, Status> {
+    let Some(raw) = meta.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    parse_grpc_timeout(raw.as_bytes()).map(Some).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "grpc-timeout header {:?}: expected 1 to 8 digits and a unit (H, M, S, m, u or n)",
+            String::from_utf8_lossy(raw.as_bytes())
+        ))
+    })
+}
+
+fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // At most 8 digits: no overflow in u64, nor in the multiplications below.
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
         _ => return None,
     })
 }
@@ -348,7 +368,7 @@ impl CascadeService {
         cx: &opentelemetry::Context,
     ) -> Staged<pb::PredictResponse> {
         self.serves("Predict", &[Role::Gateway])?;
-        let deadline = grpc_timeout(req.metadata());
+        let deadline = grpc_timeout(req.metadata())?;
         if let Backend::Gateway(g) = &self.backend {
             let _permit = self.permit()?;
             return g.predict(req.into_inner(), deadline, cx).await;
@@ -375,7 +395,7 @@ impl CascadeService {
         cx: &opentelemetry::Context,
     ) -> Staged<pb::ScoredItems> {
         self.serves("Rank", &[Role::Ranker, Role::Gateway])?;
-        let deadline = grpc_timeout(req.metadata());
+        let deadline = grpc_timeout(req.metadata())?;
         if let Backend::Gateway(g) = &self.backend {
             let _permit = self.permit()?;
             return Ok((g.rank(req.into_inner(), deadline, cx).await?, Vec::new()));
@@ -397,7 +417,7 @@ impl CascadeService {
         cx: &opentelemetry::Context,
     ) -> Staged<pb::ScoredItems> {
         self.serves("Retrieve", &[Role::Retrieval, Role::Gateway])?;
-        let deadline = grpc_timeout(req.metadata());
+        let deadline = grpc_timeout(req.metadata())?;
         if let Backend::Gateway(g) = &self.backend {
             let _permit = self.permit()?;
             return Ok((
@@ -427,7 +447,7 @@ impl CascadeService {
         req: Request<pb::RecordEventsRequest>,
         cx: &opentelemetry::Context,
     ) -> Staged<pb::RecordEventsResponse> {
-        let deadline = grpc_timeout(req.metadata());
+        let deadline = grpc_timeout(req.metadata())?;
         if let Backend::Gateway(g) = &self.backend {
             let _permit = self.permit()?;
             return Ok((
@@ -464,7 +484,7 @@ impl CascadeService {
         cx: &opentelemetry::Context,
     ) -> Staged<pb::ModelInfo> {
         if let Backend::Gateway(g) = &self.backend {
-            let deadline = grpc_timeout(req.metadata());
+            let deadline = grpc_timeout(req.metadata())?;
             let mut info = g.model_info(deadline, cx).await?;
             info.role = self.role.as_str().into();
             return Ok((info, Vec::new()));
@@ -661,7 +681,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_grpc_timeout_units() {
+    fn parses_grpc_timeout_per_the_spec() {
+        use tonic::Code;
         let mut m = tonic::metadata::MetadataMap::new();
         for (v, want) in [
             ("2S", Some(Duration::from_secs(2))),
@@ -670,13 +691,34 @@ mod tests {
             ("3M", Some(Duration::from_secs(180))),
             ("1H", Some(Duration::from_secs(3600))),
             ("5n", Some(Duration::from_nanos(5))),
-            ("5x", None),
-            ("S", None),
+            ("99999999H", Some(Duration::from_secs(99_999_999 * 3600))),
+            ("00000001S", Some(Duration::from_secs(1))),
         ] {
             m.insert("grpc-timeout", v.parse().unwrap());
-            assert_eq!(grpc_timeout(&m), want, "{v}");
+            assert_eq!(grpc_timeout(&m).unwrap(), want, "{v}");
+            // The longest allowed deadline still fits an Instant.
+            assert!(Instant::now().checked_add(want.unwrap()).is_some(), "{v}");
         }
-        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+        for v in [
+            "5x",
+            "S",
+            "",
+            "123456789S",
+            "18446744073709551615S",
+            "-1S",
+            "+1S",
+            "1.5S",
+            " 1S",
+        ] {
+            m.insert("grpc-timeout", v.parse().unwrap());
+            let e = grpc_timeout(&m).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{v}");
+            assert!(e.message().contains("grpc-timeout"), "{v}: {}", e.message());
+        }
+        assert_eq!(
+            grpc_timeout(&tonic::metadata::MetadataMap::new()).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn write_dataset(dir: &Path) {
 
 fn train(data: &Path, artifacts: &Path, cache: &Path) -> std::process::Output {
     cascade()
-        .args(["train", "--quiet", "--candidates", "30"])
+        .args(["train", "--quiet", "--rating-eval", "--candidates", "30"])
         .arg("--data")
         .arg(data)
         .arg("--minilm")

@@ -1,0 +1,129 @@
+//! What a hostile or careless client sends, over the wire to a real server:
+//! each is refused with INVALID_ARGUMENT naming what is wrong, and the
+//! server goes on answering.
+
+use cascade_server::pb::{Event, RecordEventsRequest, RetrieveRequest};
+use cascade_server::{Backend, Role};
+use tonic::Code;
+
+mod support;
+use support::*;
+
+fn with_timeout<T>(msg: T, header: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("grpc-timeout", header.parse().unwrap());
+    r
+}
+
+fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, names: &str) {
+    let e = r.expect_err("must be refused");
+    assert_eq!(e.code(), code, "{e:?}");
+    assert!(e.message().contains(names), "{names}: {}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_grpc_timeouts_are_refused_not_panicked_on() {
+    let root = tempfile::tempdir().unwrap();
+    let server = start(Backend::Local(handle(&trained(root.path()))), Role::All, 64).await;
+    let mut client = server.client().await;
+    // u64::MAX seconds once overflowed `Instant + Duration` on the request path.
+    for header in ["18446744073709551615S", "123456789m", "10", "5x", "-1S"] {
+        refused(
+            client
+                .predict(with_timeout(predict_req("u1", 3), header))
+                .await,
+            Code::InvalidArgument,
+            "grpc-timeout",
+        );
+        refused(
+            client
+                .record_events(with_timeout(viewed("u1", "i1"), header))
+                .await,
+            Code::InvalidArgument,
+            "grpc-timeout",
+        );
+    }
+    // The longest deadline the spec allows is served.
+    let ok = client
+        .predict(with_timeout(predict_req("u1", 3), "99999999H"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.items.len(), 3);
+    server.shut().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_out_of_range_fields_name_their_field() {
+    let root = tempfile::tempdir().unwrap();
+    let server = start(Backend::Local(handle(&trained(root.path()))), Role::All, 64).await;
+    let mut client = server.client().await;
+    let long = "x".repeat(257);
+    refused(
+        client.predict(predict_req(&long, 3)).await,
+        Code::InvalidArgument,
+        "user_id",
+    );
+    let mut p = predict_req("u1", 3);
+    p.exclude_item_ids = vec!["i1".into(), long.clone()];
+    refused(
+        client.predict(p).await,
+        Code::InvalidArgument,
+        "exclude_item_ids",
+    );
+    refused(
+        client
+            .retrieve(RetrieveRequest {
+                user_id: "u1".into(),
+                num_candidates: 10,
+                exclude_item_ids: vec![long.clone()],
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "exclude_item_ids",
+    );
+    let event = |user: &str, kind: &str, timestamp: i64| RecordEventsRequest {
+        events: vec![Event {
+            user_id: user.into(),
+            item_id: "i1".into(),
+            kind: kind.into(),
+            timestamp,
+        }],
+    };
+    for (req, field) in [
+        (event(&long, "view", 1), "events.user_id"),
+        (event("u1", &"k".repeat(65), 1), "events.kind"),
+        (event("u1", "view", -1), "events.timestamp"),
+        (event("u1", "view", i64::MAX), "events.timestamp"),
+    ] {
+        refused(
+            client.record_events(req).await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
+    // At the limits: accepted.
+    let at_limit = event(&"y".repeat(256), &"k".repeat(64), 253_402_300_799);
+    assert_eq!(
+        client
+            .record_events(at_limit)
+            .await
+            .unwrap()
+            .into_inner()
+            .accepted,
+        1
+    );
+    assert_eq!(
+        client
+            .predict(predict_req("u1", 3))
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+            .len(),
+        3
+    );
+    server.shut().await;
+}

@@ -612,6 +612,42 @@ pub struct ServeOptions {
     pub workers: usize,
     /// Traces and metrics (default: both off).
     pub telemetry: Telemetry,
+    /// Connection keepalive, age and drain bounds.
+    pub connections: Connections,
+}
+
+/// What bounds a connection's life. tonic 0.14 has no idle or header-read
+/// timeout per connection: keepalive finds dead peers, the age bound ends
+/// live but idle (or trickling) ones, and the drain bound ends the rest at
+/// shutdown.
+#[derive(Debug, Clone, Copy)]
+pub struct Connections {
+    /// HTTP/2 PING every this long on a quiet connection…
+    pub keepalive_interval: Duration,
+    /// …and the connection is closed if the PING is not answered in this.
+    pub keepalive_timeout: Duration,
+    /// Close a connection (GOAWAY, then `max_age_grace` for its requests)
+    /// after this long; `None` keeps it open while it is alive. Clients
+    /// reconnect, which also rebalances them across replicas behind an L4
+    /// load balancer.
+    pub max_age: Option<Duration>,
+    pub max_age_grace: Duration,
+    /// After shutdown starts, wait at most this long for requests in flight;
+    /// then the remaining connections are cut and `serve` returns.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            max_age: Some(Duration::from_secs(1800)),
+            max_age_grace: Duration::from_secs(30),
+            // Below the chart's 45 s grace period minus its 5 s preStop.
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Serve on `listener` until `shutdown` resolves; then readiness turns
@@ -634,27 +670,40 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let service = CascadeServer::new(
-        CascadeService::with_workers(
-            backend,
-            opts.role,
-            opts.device,
-            opts.max_in_flight,
-            opts.workers,
-        )
-        .with_telemetry(opts.telemetry),
+    let svc = CascadeService::with_workers(
+        backend,
+        opts.role,
+        opts.device,
+        opts.max_in_flight,
+        opts.workers,
     )
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    .with_telemetry(opts.telemetry);
+    let (limiter, max_in_flight) = (svc.limiter(), opts.max_in_flight);
+    let service = CascadeServer::new(svc)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let c = opts.connections;
     let drain_reporter = reporter.clone();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let start_drain = started.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: readiness NOT_SERVING, draining in-flight requests");
         drain_reporter
             .set_not_serving::<CascadeServer<CascadeService>>()
             .await;
+        start_drain.notify_one();
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(c.keepalive_interval))
+        .http2_keepalive_timeout(Some(c.keepalive_timeout))
+        .tcp_keepalive(Some(c.keepalive_interval));
+    if let Some(age) = c.max_age {
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(c.max_age_grace);
+    }
+    let server = builder
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -664,8 +713,24 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
-        )
-        .await?;
+        );
+    // A graceful shutdown waits for every connection to close, and a silent
+    // peer (or one that never answers the GOAWAY) would keep it waiting
+    // forever: past the drain bound, stop waiting and cut what is left.
+    let bound = async {
+        started.notified().await;
+        tokio::time::sleep(c.drain_timeout).await;
+    };
+    tokio::select! {
+        done = server => done?,
+        _ = bound => {
+            let busy = max_in_flight.saturating_sub(limiter.available_permits());
+            tracing::warn!(
+                "drain timeout ({:.0} s) passed: cutting the remaining connections ({busy} requests still in flight)",
+                c.drain_timeout.as_secs_f64()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -127,3 +127,37 @@ async fn oversized_and_out_of_range_fields_name_their_field() {
     );
     server.shut().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_cannot_hold_the_drain_past_its_bound() {
+    use tokio::io::AsyncWriteExt;
+    let root = tempfile::tempdir().unwrap();
+    let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = cascade_server::Connections {
+        drain_timeout: std::time::Duration::from_secs(1),
+        ..Default::default()
+    };
+    let server = start_with(
+        listener,
+        Backend::Local(handle(&trained(root.path()))),
+        Role::All,
+        64,
+        Default::default(),
+        connections,
+    );
+    let mut client = server.client().await;
+    client.predict(predict_req("u1", 3)).await.unwrap();
+    // One peer that connected and never spoke, one that stopped halfway
+    // through the HTTP/2 preface: neither will ever answer a GOAWAY.
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+    partial.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let t0 = std::time::Instant::now();
+    server.shut().await;
+    let took = t0.elapsed();
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+}

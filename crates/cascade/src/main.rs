@@ -1,5 +1,6 @@
 //! `cascade`: the one binary: fetch, train, eval, index, verify, predict, serve.
 
+use cascade_server::Connections;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -131,6 +132,24 @@ struct ServeArgs {
     /// Requests doing model work at once on blocking threads (default: 2 per core); others wait their turn.
     #[arg(long, env = "CASCADE_WORKERS")]
     workers: Option<usize>,
+    /// After SIGTERM, seconds to wait for requests in flight before the
+    /// remaining connections are cut (keep it below the pod's grace period).
+    #[arg(long, env = "CASCADE_DRAIN_TIMEOUT_SECS", default_value_t = Connections::default().drain_timeout.as_secs_f64())]
+    drain_timeout_secs: f64,
+    /// HTTP/2 keepalive PING interval on quiet connections, seconds (also the TCP keepalive).
+    #[arg(long, env = "CASCADE_KEEPALIVE_SECS", default_value_t = Connections::default().keepalive_interval.as_secs_f64())]
+    keepalive_secs: f64,
+    /// Close a connection whose PING is not answered within this many seconds.
+    #[arg(long, env = "CASCADE_KEEPALIVE_TIMEOUT_SECS", default_value_t = Connections::default().keepalive_timeout.as_secs_f64())]
+    keepalive_timeout_secs: f64,
+    /// Close connections older than this many seconds (GOAWAY, then 30 s
+    /// for their requests); 0 = no bound.
+    #[arg(
+        long,
+        env = "CASCADE_MAX_CONNECTION_AGE_SECS",
+        default_value_t = 1800.0
+    )]
+    max_connection_age_secs: f64,
     /// Ranking rows packed into one forward at most.
     #[arg(long, env = "CASCADE_BATCH_MAX_ROWS", default_value_t = BatchConfig::default().max_rows)]
     batch_max_rows: usize,
@@ -864,6 +883,17 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         max_in_flight: a.max_in_flight,
         workers: a.workers.unwrap_or_else(cascade_server::default_workers),
         telemetry,
+        connections: Connections {
+            keepalive_interval: secs("--keepalive-secs", a.keepalive_secs)?,
+            keepalive_timeout: secs("--keepalive-timeout-secs", a.keepalive_timeout_secs)?,
+            max_age: Some(secs(
+                "--max-connection-age-secs",
+                a.max_connection_age_secs,
+            )?)
+            .filter(|d| !d.is_zero()),
+            drain_timeout: secs("--drain-timeout-secs", a.drain_timeout_secs)?,
+            ..Connections::default()
+        },
     };
     let local = match &backend {
         Backend::Local(h) => Some(h.clone()),
@@ -919,6 +949,12 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// A non-negative, finite number of seconds from flag `name`.
+fn secs(name: &str, v: f64) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("{name} {v}: expected a non-negative number of seconds"))
 }
 
 /// `serve --train-if-missing`: fetch what is missing, then train an artifact.

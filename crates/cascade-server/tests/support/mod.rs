@@ -102,6 +102,24 @@ pub fn start_on(
     max_in_flight: usize,
     telemetry: cascade_server::Telemetry,
 ) -> Running {
+    start_with(
+        listener,
+        backend,
+        role,
+        max_in_flight,
+        telemetry,
+        Default::default(),
+    )
+}
+
+pub fn start_with(
+    listener: tokio::net::TcpListener,
+    backend: Backend,
+    role: Role,
+    max_in_flight: usize,
+    telemetry: cascade_server::Telemetry,
+    connections: cascade_server::Connections,
+) -> Running {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let opts = ServeOptions {
@@ -110,6 +128,7 @@ pub fn start_on(
         max_in_flight,
         workers: cascade_server::default_workers(),
         telemetry,
+        connections,
     };
     let task = tokio::spawn(cascade_server::serve(backend, opts, listener, async {
         let _ = stop_rx.await;

@@ -1,9 +1,11 @@
 //! The artifact directory the server loads: `manifest.json` plus files, each
-//! pinned by sha256 in the manifest. Loading refuses any mismatch.
+//! pinned by sha256 in the manifest. Loading refuses any mismatch, and every
+//! read stays inside the version directory: manifest paths must be plain
+//! relative paths, and symbolic links and unlisted files are refused.
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -61,22 +63,9 @@ impl Manifest {
     /// Hash every regular file under `dir` (except the manifest) into `files`, then write `manifest.json`.
     pub fn seal(mut self, dir: &Path) -> Result<Self, ModelError> {
         self.files.clear();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for entry in std::fs::read_dir(&d).map_err(|e| ModelError::io(&d, e))? {
-                let entry = entry.map_err(|e| ModelError::io(&d, e))?;
-                let p = entry.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    let rel = p
-                        .strip_prefix(dir)
-                        .map_err(|_| ModelError::Invalid("path outside artifact".into()))?;
-                    let rel = rel.to_string_lossy().replace('\\', "/");
-                    if rel != MANIFEST {
-                        self.files.insert(rel, sha256_file(&p)?);
-                    }
-                }
+        for (rel, p) in version_files(dir)? {
+            if rel != MANIFEST {
+                self.files.insert(rel, sha256_file(&p)?);
             }
         }
         let path = dir.join(MANIFEST);
@@ -87,41 +76,96 @@ impl Manifest {
     }
 
     /// Read and fully verify an artifact directory: format version, every
-    /// listed file present with its sha256, no unlisted files.
+    /// listed file present with its sha256, no unlisted files, and nothing
+    /// that leads outside the directory (absolute or `..` paths, symlinks).
     pub fn verify(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join(MANIFEST);
+        let corrupt = |path: &Path, msg: String| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            msg,
+        };
+        // Every file of the version, walked without following links: any
+        // symlink, or any file the manifest does not pin, is refused.
+        let present: BTreeMap<String, PathBuf> = version_files(dir)?.into_iter().collect();
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
-            path: path.clone(),
-            msg: format!("unreadable manifest: {e}"),
-        })?;
+        let m: Manifest = serde_json::from_str(&text)
+            .map_err(|e| corrupt(&path, format!("unreadable manifest: {e}")))?;
         if m.format_version != FORMAT_VERSION {
-            return Err(ModelError::Corrupt {
-                path,
-                msg: format!(
+            return Err(corrupt(
+                &path,
+                format!(
                     "format_version {} is not supported (this build reads {FORMAT_VERSION})",
                     m.format_version
                 ),
-            });
+            ));
         }
         for (rel, want) in &m.files {
-            let p = dir.join(rel);
-            if !p.exists() {
-                return Err(ModelError::Corrupt {
-                    path: p,
-                    msg: "listed in manifest but missing".into(),
-                });
+            if !plain_relative(rel) {
+                return Err(corrupt(
+                    &path,
+                    format!("lists {rel:?}: only plain paths inside the version are allowed"),
+                ));
             }
-            let got = sha256_file(&p)?;
+            let Some(p) = present.get(rel) else {
+                return Err(corrupt(
+                    &dir.join(rel),
+                    "listed in manifest but missing".into(),
+                ));
+            };
+            let got = sha256_file(p)?;
             if &got != want {
-                return Err(ModelError::Corrupt {
-                    path: p,
-                    msg: format!("sha256 {got} does not match manifest {want}"),
-                });
+                return Err(corrupt(
+                    p,
+                    format!("sha256 {got} does not match manifest {want}"),
+                ));
             }
+        }
+        if let Some((rel, p)) = present
+            .iter()
+            .find(|(rel, _)| rel.as_str() != MANIFEST && !m.files.contains_key(*rel))
+        {
+            return Err(corrupt(p, format!("{rel:?} is not listed in the manifest")));
         }
         Ok(m)
     }
+}
+
+/// Whether a manifest path names a file inside the version: relative, with
+/// no `..`, `.`, root or drive components.
+fn plain_relative(rel: &str) -> bool {
+    !rel.is_empty()
+        && Path::new(rel)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Every regular file under `dir` as (`/`-separated relative path, path),
+/// without following links: a symbolic link anywhere is an error.
+fn version_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ModelError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).map_err(|e| ModelError::io(&d, e))? {
+            let entry = entry.map_err(|e| ModelError::io(&d, e))?;
+            let p = entry.path();
+            let kind = entry.file_type().map_err(|e| ModelError::io(&p, e))?;
+            if kind.is_symlink() {
+                return Err(ModelError::Corrupt {
+                    path: p,
+                    msg: "symbolic links are not allowed in a version".into(),
+                });
+            }
+            if kind.is_dir() {
+                stack.push(p);
+            } else if kind.is_file() {
+                let rel = p
+                    .strip_prefix(dir)
+                    .map_err(|_| ModelError::Invalid("path outside artifact".into()))?;
+                out.push((rel.to_string_lossy().replace('\\', "/"), p));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The newest artifact version under `root` (directories sorted by name; versions are zero-padded timestamps).
@@ -138,4 +182,83 @@ pub fn latest_version(root: &Path) -> Result<PathBuf, ModelError> {
             root.display()
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sealed version with two files, one in a subdirectory.
+    fn sealed() -> (tempfile::TempDir, Manifest) {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("a.bin"), b"weights").unwrap();
+        std::fs::create_dir(t.path().join("sub")).unwrap();
+        std::fs::write(t.path().join("sub/b.txt"), b"items").unwrap();
+        let m: Manifest = serde_json::from_value(serde_json::json!({
+            "format_version": FORMAT_VERSION, "model_version": "v", "created_unix": 0,
+            "dataset_checksum": "", "num_users": 0, "num_items": 0, "embedding_dim": 0,
+            "text_dim": 0, "text_model": "", "metrics": null, "files": {},
+            "hnsw": {"max_nb_connection": 0, "ef_construction": 0, "max_layer": 0,
+                     "ef_search": 0, "distance": "", "recall_at_100": 0.0},
+        }))
+        .unwrap();
+        let m = m.seal(t.path()).unwrap();
+        (t, m)
+    }
+
+    fn refused(dir: &Path, names: &str) {
+        let e = Manifest::verify(dir)
+            .expect_err("must be refused")
+            .to_string();
+        assert!(e.contains(names), "{names}: {e}");
+    }
+
+    #[test]
+    fn a_sealed_version_verifies() {
+        let (t, m) = sealed();
+        assert_eq!(m.files.len(), 2);
+        assert!(m.files.contains_key("sub/b.txt"));
+        assert_eq!(Manifest::verify(t.path()).unwrap(), m);
+    }
+
+    #[test]
+    fn paths_outside_the_version_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"x").unwrap();
+        let secret = outside.path().join("secret").to_string_lossy().into_owned();
+        for rel in [
+            secret.as_str(),
+            "../secret",
+            "sub/../../secret",
+            "./a.bin",
+            "",
+        ] {
+            let (t, mut m) = sealed();
+            m.files.insert(
+                rel.to_string(),
+                sha256_file(&outside.path().join("secret")).unwrap(),
+            );
+            std::fs::write(t.path().join(MANIFEST), serde_json::to_string(&m).unwrap()).unwrap();
+            refused(t.path(), "only plain paths");
+        }
+    }
+
+    #[test]
+    fn symlinks_and_unlisted_files_are_refused() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"weights").unwrap();
+        // A listed file replaced by a link to a file with the same bytes.
+        let (t, _) = sealed();
+        std::fs::remove_file(t.path().join("a.bin")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), t.path().join("a.bin")).unwrap();
+        refused(t.path(), "symbolic link");
+        // A linked directory.
+        let (t, _) = sealed();
+        std::os::unix::fs::symlink(outside.path(), t.path().join("extra")).unwrap();
+        refused(t.path(), "symbolic link");
+        // A file nobody pinned.
+        let (t, _) = sealed();
+        std::fs::write(t.path().join("sub/planted.bin"), b"?").unwrap();
+        refused(t.path(), "not listed");
+    }
 }

@@ -31,10 +31,16 @@ impl From<Gateway> for Backend {
 
 pub mod pb {
     tonic::include_proto!("cascade.v1");
+    mod client {
+        include!(concat!(env!("OUT_DIR"), "/client/cascade.v1.rs"));
+    }
+    pub use client::cascade_client;
     /// Encoded descriptors for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("cascade_descriptor");
 }
+
+pub mod codec;
 
 use pb::cascade_server::{Cascade, CascadeServer};
 

@@ -26,7 +26,7 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 use tonic::metadata::{KeyRef, MetadataKey, MetadataMap};
 use tonic::{Code, Status};
@@ -75,6 +75,10 @@ pub struct ServerMetrics {
     pub model_info: IntGaugeVec,
     pub reloads: IntCounterVec,
     pub build_info: IntGaugeVec,
+    /// Requests whose message did not decode: refused by the codec before
+    /// any handler, so absent from the `grpc_server_*` series. Brought up
+    /// to date from [`crate::codec::decode_failures`] at each scrape.
+    pub decode_failures: IntCounter,
 }
 
 impl ServerMetrics {
@@ -154,6 +158,10 @@ impl ServerMetrics {
                 Opts::new("cascade_build_info", "The running build (value 1)."),
                 &["version", "git_commit"],
             )?,
+            decode_failures: IntCounter::new(
+                "cascade_grpc_decode_failures_total",
+                "Requests refused INVALID_ARGUMENT because their message did not decode (not in grpc_server_*).",
+            )?,
         };
         registry.register(Box::new(m.started.clone()))?;
         registry.register(Box::new(m.handled.clone()))?;
@@ -167,6 +175,7 @@ impl ServerMetrics {
         registry.register(Box::new(m.model_info.clone()))?;
         registry.register(Box::new(m.reloads.clone()))?;
         registry.register(Box::new(m.build_info.clone()))?;
+        registry.register(Box::new(m.decode_failures.clone()))?;
         m.build_info
             .with_label_values(&[
                 env!("CARGO_PKG_VERSION"),

@@ -903,9 +903,11 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     let (role, device) = (a.role.as_str(), opts.device.clone());
     // Gauges sampled when Prometheus scrapes rather than on every request.
     let before_scrape = std::sync::Arc::new(move || {
-        let (Some(m), Some(h)) = (&server_metrics, &scrape_local) else {
-            return;
-        };
+        let Some(m) = &server_metrics else { return };
+        let refused = cascade_server::codec::decode_failures();
+        m.decode_failures
+            .inc_by(refused.saturating_sub(m.decode_failures.get()));
+        let Some(h) = &scrape_local else { return };
         let engine = h.current();
         m.rank_queue_depth.set(engine.rank_queue_depth() as i64);
         m.model_info.reset();

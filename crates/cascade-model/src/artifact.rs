@@ -213,6 +213,33 @@ mod tests {
         assert!(e.contains(names), "{names}: {e}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// Any bytes as `manifest.json`, or a valid one with any byte
+        /// changed: refused with an error, never a panic.
+        #[test]
+        fn any_manifest_bytes_are_refused_not_panicked_on(
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+        ) {
+            let (t, _) = sealed();
+            let path = t.path().join(MANIFEST);
+            let mut good = std::fs::read(&path).unwrap();
+            let i = at.index(good.len());
+            let changed = good[i] != byte;
+            good[i] = byte;
+            std::fs::write(&path, &good).unwrap();
+            let r = Manifest::verify(t.path());
+            // A changed byte may still be valid JSON naming the same files
+            // (a digit of created_unix): then it verifies, which is fine.
+            proptest::prop_assert!(r.is_ok() || changed);
+            std::fs::write(&path, &junk).unwrap();
+            proptest::prop_assert!(Manifest::verify(t.path()).is_err());
+        }
+    }
+
     #[test]
     fn a_sealed_version_verifies() {
         let (t, m) = sealed();

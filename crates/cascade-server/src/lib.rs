@@ -792,6 +792,33 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5_000))]
+
+        /// Any header bytes: a deadline that fits an `Instant`, or none.
+        #[test]
+        fn any_grpc_timeout_bytes_parse_or_are_refused(v in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..12)) {
+            if let Some(d) = parse_grpc_timeout(&v) {
+                proptest::prop_assert!(d <= Duration::from_secs(99_999_999 * 3600));
+                proptest::prop_assert!(Instant::now().checked_add(d).is_some());
+            }
+        }
+
+        /// Every well-formed value parses to exactly its duration.
+        #[test]
+        fn well_formed_grpc_timeouts_parse_exactly(n in 0u64..100_000_000, unit in 0usize..6) {
+            let (c, d) = [
+                ('H', Duration::from_secs(n * 3600)),
+                ('M', Duration::from_secs(n * 60)),
+                ('S', Duration::from_secs(n)),
+                ('m', Duration::from_millis(n)),
+                ('u', Duration::from_micros(n)),
+                ('n', Duration::from_nanos(n)),
+            ][unit];
+            proptest::prop_assert_eq!(parse_grpc_timeout(format!("{n}{c}").as_bytes()), Some(d));
+        }
+    }
+
     #[test]
     fn every_engine_error_class_has_its_code() {
         use tonic::Code;

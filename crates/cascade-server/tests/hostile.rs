@@ -162,60 +162,11 @@ async fn silent_connections_cannot_hold_the_drain_past_its_bound() {
     assert!(took < std::time::Duration::from_secs(5), "{took:?}");
 }
 
-/// Sends bytes as they are: a client that does not speak protobuf well.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-struct Raw;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl tonic::codec::Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        prost::bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        use prost::bytes::Buf;
-        let v = src.copy_to_bytes(src.remaining()).to_vec();
-        Ok(Some(v))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_requests_are_the_clients_error_and_are_counted() {
     let root = tempfile::tempdir().unwrap();
     let server = start(Backend::Local(handle(&trained(root.path()))), Role::All, 64).await;
-    let channel = tonic::transport::Channel::from_shared(server.url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    let mut raw = RawClient::connect(&server.url).await;
     let before = cascade_server::codec::decode_failures();
     let bad: [&[u8]; 3] = [
         &[0x0a, 0x02, 0xff, 0xfe], // user_id: two bytes that are not UTF-8
@@ -224,11 +175,7 @@ async fn undecodable_requests_are_the_clients_error_and_are_counted() {
     ];
     for rpc in ["Predict", "Rank", "Retrieve", "RecordEvents"] {
         for bytes in bad {
-            grpc.ready().await.unwrap();
-            let path = format!("/cascade.v1.Cascade/{rpc}").parse().unwrap();
-            let r = grpc
-                .unary(tonic::Request::new(bytes.to_vec()), path, RawCodec)
-                .await;
+            let r = raw.call(rpc, bytes.to_vec()).await;
             refused(r, Code::InvalidArgument, "does not decode");
         }
     }

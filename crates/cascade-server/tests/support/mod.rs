@@ -150,3 +150,74 @@ impl Running {
             .unwrap();
     }
 }
+
+/// Sends bytes as they are: a client that does not speak protobuf well.
+#[derive(Clone, Copy, Default)]
+pub struct RawCodec;
+pub struct Raw;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        let v = src.copy_to_bytes(src.remaining()).to_vec();
+        Ok(Some(v))
+    }
+}
+
+/// A gRPC client that sends raw bytes to `cascade.v1.Cascade` methods.
+pub struct RawClient(tonic::client::Grpc<tonic::transport::Channel>);
+
+impl RawClient {
+    pub async fn connect(url: &str) -> Self {
+        let channel = tonic::transport::Channel::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Self(tonic::client::Grpc::new(channel))
+    }
+
+    /// Call `rpc` (e.g. "Predict") with `bytes` as the request message.
+    pub async fn call(&mut self, rpc: &str, bytes: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+        self.0
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let path = format!("/cascade.v1.Cascade/{rpc}").parse().unwrap();
+        self.0
+            .unary(tonic::Request::new(bytes), path, RawCodec)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}

@@ -7,6 +7,13 @@
 //! by truncating to the last good length, so no partial line is ever left
 //! for the next append to be glued onto. On start-up an unterminated final
 //! line (a crash mid-append: never acknowledged) is cut by bytes.
+//!
+//! Compaction bounds start-up: once the log passes a size, the per-user
+//! state is written to `<log>.snapshot` (atomically) and the log is rotated
+//! to `<log>.<n>`, kept whole for retraining but no longer replayed. Start-up
+//! reads the snapshot, then replays the current log. The state is a set per
+//! user, so replaying an event the snapshot already holds changes nothing:
+//! a crash between the snapshot and the rotation loses nothing.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -34,10 +41,28 @@ pub struct EventStore {
     log: Option<(PathBuf, Mutex<LogFile>)>,
 }
 
+/// Log size past which an append compacts (see the module docs).
+pub const DEFAULT_COMPACT_BYTES: u64 = 64 << 20;
+
+/// The per-user state at compaction time.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    users: HashMap<String, Vec<String>>,
+}
+
+/// `<log><suffix>`, beside the log.
+fn beside(log: &Path, suffix: &str) -> PathBuf {
+    let mut s = log.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 /// The open log and the length of its acknowledged content.
 struct LogFile {
     file: std::fs::File,
     good_len: u64,
+    /// Compact once the log is this long.
+    compact_at: u64,
     /// A rollback failed: the file may end in a partial line, so cut it
     /// back to `good_len` before anything else is appended.
     dirty: bool,
@@ -58,11 +83,35 @@ impl EventStore {
     /// is cut off with a warning; any other bad line is an error naming the
     /// line. Returns (store, replayed).
     pub fn open(path: &Path) -> Result<(Self, usize), EngineError> {
+        Self::open_with(path, DEFAULT_COMPACT_BYTES)
+    }
+
+    /// [`open`](Self::open), compacting whenever the log passes `compact_at` bytes.
+    pub fn open_with(path: &Path, compact_at: u64) -> Result<(Self, usize), EngineError> {
         let err = |msg: String| EngineError::EventLog {
             path: path.to_path_buf(),
             msg,
         };
         let store = Self::default();
+        let snap = beside(path, ".snapshot");
+        match std::fs::read(&snap) {
+            Ok(bytes) => {
+                let s: Snapshot =
+                    serde_json::from_slice(&bytes).map_err(|e| EngineError::EventLog {
+                        path: snap.clone(),
+                        msg: format!("unreadable snapshot: {e}"),
+                    })?;
+                tracing::info!("{}: {} users restored", snap.display(), s.users.len());
+                *store.by_user.write().unwrap_or_else(|p| p.into_inner()) = s.users;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(EngineError::EventLog {
+                    path: snap,
+                    msg: e.to_string(),
+                })
+            }
+        }
         let mut replayed = 0;
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
@@ -100,6 +149,7 @@ impl EventStore {
         let log = LogFile {
             file,
             good_len: good_len as u64,
+            compact_at,
             dirty: false,
         };
         Ok((
@@ -153,10 +203,86 @@ impl EventStore {
                 return Err(err(e.to_string()));
             }
             log.good_len = good + buf.len() as u64;
+            for ev in events {
+                self.remember(&ev.user_id, &ev.item_id);
+            }
+            if log.good_len >= log.compact_at {
+                // The events are durable already: a failed compaction is
+                // logged and retried on a later append, not the caller's error.
+                if let Err(e) = self.compact_locked(path, &mut log) {
+                    tracing::warn!("compacting the event log: {e}");
+                }
+            }
+            return Ok(());
         }
         for ev in events {
             self.remember(&ev.user_id, &ev.item_id);
         }
+        Ok(())
+    }
+
+    /// Snapshot the per-user state and rotate the log (see the module docs).
+    pub fn compact(&self) -> Result<(), EngineError> {
+        match &self.log {
+            Some((path, log)) => {
+                let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
+                self.compact_locked(path, &mut log)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn compact_locked(&self, path: &Path, log: &mut LogFile) -> Result<(), EngineError> {
+        let err = |p: &Path, e: std::io::Error| EngineError::EventLog {
+            path: p.to_path_buf(),
+            msg: e.to_string(),
+        };
+        let t0 = std::time::Instant::now();
+        let snap = beside(path, ".snapshot");
+        let tmp = beside(path, ".snapshot.tmp");
+        let bytes = {
+            let users = read(&self.by_user);
+            serde_json::to_vec(&Snapshot {
+                users: users.clone(),
+            })
+            .map_err(|e| EngineError::EventLog {
+                path: snap.clone(),
+                msg: e.to_string(),
+            })?
+        };
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let sync_dir = || std::fs::File::open(dir).and_then(|d| d.sync_all());
+        // 1. The snapshot, whole or not at all.
+        std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
+            .and_then(|_| std::fs::rename(&tmp, &snap))
+            .and_then(|_| sync_dir())
+            .map_err(|e| err(&snap, e))?;
+        // 2. Rotate: the log so far is kept for retraining, not replayed.
+        let mut n = 1;
+        while beside(path, &format!(".{n}")).exists() {
+            n += 1;
+        }
+        let archive = beside(path, &format!(".{n}"));
+        std::fs::rename(path, &archive).map_err(|e| err(&archive, e))?;
+        log.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| err(path, e))?;
+        sync_dir().map_err(|e| err(path, e))?;
+        log.good_len = 0;
+        log.dirty = false;
+        tracing::info!(
+            "event log compacted in {:.0} ms: snapshot {} ({} bytes), log so far kept as {}",
+            t0.elapsed().as_secs_f64() * 1e3,
+            snap.display(),
+            bytes.len(),
+            archive.display()
+        );
         Ok(())
     }
 
@@ -232,6 +358,60 @@ mod tests {
         let (store, replayed) = EventStore::open(&path).unwrap();
         assert_eq!(replayed, 1);
         assert_eq!(store.items("u2"), ["i2"]);
+    }
+
+    #[test]
+    fn compaction_snapshots_the_state_and_rotates_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        // Compact whenever the log passes 300 bytes: about every 4 events.
+        let (store, _) = EventStore::open_with(&path, 300).unwrap();
+        for n in 0..20 {
+            store
+                .append(&[ev(&format!("u{}", n % 3), &format!("i{n}"))])
+                .unwrap();
+        }
+        let want: Vec<Vec<String>> = (0..3).map(|u| store.items(&format!("u{u}"))).collect();
+        assert_eq!(want[0], ["i0", "i3", "i6", "i9", "i12", "i15", "i18"]);
+        drop(store);
+        let archives: Vec<PathBuf> = (1..)
+            .map(|n| beside(&path, &format!(".{n}")))
+            .take_while(|p| p.exists())
+            .collect();
+        assert!(archives.len() >= 3, "{archives:?}");
+        assert!(beside(&path, ".snapshot").exists());
+        // Every event is kept, in the archives or the current log.
+        let lines: usize = archives
+            .iter()
+            .chain([&path])
+            .map(|p| std::fs::read_to_string(p).unwrap().lines().count())
+            .sum();
+        assert_eq!(lines, 20);
+        // Start-up reads the snapshot and only the current log.
+        let (store, replayed) = EventStore::open(&path).unwrap();
+        assert!(replayed < 5, "{replayed}");
+        for (u, items) in want.iter().enumerate() {
+            assert_eq!(&store.items(&format!("u{u}")), items);
+        }
+    }
+
+    #[test]
+    fn a_crash_between_snapshot_and_rotation_loses_and_repeats_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let (store, _) = EventStore::open_with(&path, u64::MAX).unwrap();
+        store.append(&[ev("u1", "i1"), ev("u1", "i2")]).unwrap();
+        store.compact().unwrap();
+        store.append(&[ev("u1", "i3")]).unwrap();
+        drop(store);
+        // As if the rotation never happened: the snapshot's events are also
+        // still in the current log, in front of the newer one.
+        let old = std::fs::read(beside(&path, ".1")).unwrap();
+        let new = std::fs::read(&path).unwrap();
+        std::fs::write(&path, [old, new].concat()).unwrap();
+        let (store, replayed) = EventStore::open(&path).unwrap();
+        assert_eq!(replayed, 3);
+        assert_eq!(store.items("u1"), ["i1", "i2", "i3"]);
     }
 
     #[test]

@@ -126,6 +126,11 @@ struct ServeArgs {
     /// Append-only log of accepted events, replayed at start-up.
     #[arg(long, env = "CASCADE_EVENT_LOG", default_value = "data/events.log")]
     event_log: PathBuf,
+    /// Compact the event log once it passes this many MiB: the per-user
+    /// state goes to `<log>.snapshot` and the log is rotated to `<log>.<n>`
+    /// (kept, not replayed at start-up).
+    #[arg(long, env = "CASCADE_EVENT_LOG_COMPACT_MIB", default_value_t = cascade_core::events::DEFAULT_COMPACT_BYTES >> 20)]
+    event_log_compact_mib: u64,
     /// Requests doing work at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "CASCADE_MAX_IN_FLIGHT", default_value_t = 256)]
     max_in_flight: usize,
@@ -843,7 +848,10 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let (events, replayed) = EventStore::open(&a.event_log)?;
+        let (events, replayed) = EventStore::open_with(
+            &a.event_log,
+            a.event_log_compact_mib.saturating_mul(1 << 20),
+        )?;
         tracing::info!("replayed {replayed} events from {}", a.event_log.display());
         let cfg = EngineConfig {
             batch: BatchConfig {

@@ -1,0 +1,68 @@
+//! By hand: how long start-up takes to rebuild the per-user event state
+//! from a large log, and from a snapshot after compaction.
+//!
+//! ```bash
+//! CASCADE_EVENTS=10000000 cargo test -p cascade-core --test event_log_startup -- --ignored --nocapture
+//! ```
+//! `CASCADE_EVENTS` events (default 1,000,000) by `CASCADE_EVENT_USERS`
+//! users (default 100,000) over 1,682 items; results in docs/reliability.md.
+
+use std::io::Write;
+use std::time::Instant;
+
+use cascade_core::EventStore;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn start_up_time_of_a_large_event_log() {
+    let (events, users) = (
+        env("CASCADE_EVENTS", 1_000_000),
+        env("CASCADE_EVENT_USERS", 100_000),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.log");
+    {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        for n in 0..events {
+            writeln!(
+                w,
+                r#"{{"user_id":"user-{}","item_id":"{}","kind":"view","timestamp":{}}}"#,
+                n.wrapping_mul(2_654_435_761) % users,
+                n.wrapping_mul(40_503) % 1682 + 1,
+                1_700_000_000 + n
+            )
+            .unwrap();
+        }
+    }
+    let log_bytes = std::fs::metadata(&path).unwrap().len();
+    let t0 = Instant::now();
+    let (store, replayed) = EventStore::open_with(&path, u64::MAX).unwrap();
+    let replay_s = t0.elapsed().as_secs_f64();
+    assert_eq!(replayed, events);
+    let t1 = Instant::now();
+    store.compact().unwrap();
+    let compact_s = t1.elapsed().as_secs_f64();
+    let probe = store.items("user-7");
+    drop(store);
+    let snap_bytes = std::fs::metadata(dir.path().join("events.log.snapshot"))
+        .unwrap()
+        .len();
+    let t2 = Instant::now();
+    let (store, replayed) = EventStore::open(&path).unwrap();
+    let snapshot_s = t2.elapsed().as_secs_f64();
+    assert_eq!(replayed, 0);
+    assert_eq!(store.items("user-7"), probe);
+    println!(
+        "{events} events, {users} users: replaying the {:.0} MiB log {replay_s:.2} s; \
+         compaction {compact_s:.2} s; start-up from the {:.0} MiB snapshot {snapshot_s:.2} s",
+        log_bytes as f64 / (1 << 20) as f64,
+        snap_bytes as f64 / (1 << 20) as f64,
+    );
+}

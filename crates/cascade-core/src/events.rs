@@ -2,7 +2,9 @@
 //! in-memory overlay per user. The store is keyed by IDs, not model indices,
 //! so it outlives model versions: a reload keeps every accepted event.
 //!
-//! The log is JSON lines. An append writes whole lines and is acknowledged
+//! The log is JSON lines, each followed by a tab and the CRC-32 of the JSON
+//! (lines without one, written before checksums, are read as they are). An
+//! append writes whole lines and is acknowledged
 //! only after `fsync`; a failed append (disk full, I/O error) is rolled back
 //! by truncating to the last good length, so no partial line is ever left
 //! for the next append to be glued onto. On start-up an unterminated final
@@ -55,6 +57,35 @@ fn beside(log: &Path, suffix: &str) -> PathBuf {
     let mut s = log.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
+}
+
+/// One log line: the event as JSON, a tab, its CRC-32 in hex, a newline.
+/// (JSON escapes tabs inside strings, so the last tab always splits.)
+pub fn log_line(ev: &Event) -> Result<String, serde_json::Error> {
+    let json = serde_json::to_string(ev)?;
+    let crc = crc32fast::hash(json.as_bytes());
+    Ok(format!("{json}\t{crc:08x}\n"))
+}
+
+/// Read one line (without its newline): checksum first, then the JSON.
+fn parse_line(line: &[u8]) -> Result<Event, String> {
+    let line = std::str::from_utf8(line).map_err(|e| e.to_string())?;
+    let json = match line.rsplit_once('\t') {
+        Some((json, crc)) => {
+            let want = u32::from_str_radix(crc.trim_end(), 16)
+                .map_err(|_| format!("bad checksum field {crc:?}"))?;
+            let got = crc32fast::hash(json.as_bytes());
+            if got != want {
+                return Err(format!(
+                    "checksum mismatch (stored {want:08x}, computed {got:08x})"
+                ));
+            }
+            json
+        }
+        // Written before lines carried a checksum.
+        None => line,
+    };
+    serde_json::from_str(json).map_err(|e| e.to_string())
 }
 
 /// The open log and the length of its acknowledged content.
@@ -124,10 +155,7 @@ impl EventStore {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let ev: Event = std::str::from_utf8(line)
-                .map_err(|e| e.to_string())
-                .and_then(|l| serde_json::from_str(l).map_err(|e| e.to_string()))
-                .map_err(|e| err(format!("line {}: {e}", n + 1)))?;
+            let ev = parse_line(line).map_err(|e| err(format!("line {}: {e}", n + 1)))?;
             store.remember(&ev.user_id, &ev.item_id);
             replayed += 1;
         }
@@ -180,8 +208,7 @@ impl EventStore {
             };
             let mut buf = String::new();
             for ev in events {
-                buf.push_str(&serde_json::to_string(ev).map_err(|e| err(e.to_string()))?);
-                buf.push('\n');
+                buf.push_str(&log_line(ev).map_err(|e| err(e.to_string()))?);
             }
             let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
             let good = log.good_len;
@@ -412,6 +439,30 @@ mod tests {
         let (store, replayed) = EventStore::open(&path).unwrap();
         assert_eq!(replayed, 3);
         assert_eq!(store.items("u1"), ["i1", "i2", "i3"]);
+    }
+
+    #[test]
+    fn a_changed_byte_inside_a_line_fails_its_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let (store, _) = EventStore::open(&path).unwrap();
+        store
+            .append(&[ev("u1", "i1"), ev("u2", "i2"), ev("u3", "i3")])
+            .unwrap();
+        drop(store);
+        let good = std::fs::read(&path).unwrap();
+        assert_eq!(good.iter().filter(|&&b| b == b'\t').count(), 3);
+        // "i2" becomes "i7": still valid JSON, so only the checksum sees it.
+        let text = String::from_utf8(good.clone()).unwrap();
+        std::fs::write(&path, text.replacen("\"i2\"", "\"i7\"", 1)).unwrap();
+        let e = EventStore::open(&path).err().expect("must refuse");
+        assert!(e.to_string().contains("line 2: checksum mismatch"), "{e}");
+        // Lines from before checksums still replay.
+        let legacy = serde_json::to_string(&ev("u9", "i9")).unwrap() + "\n";
+        std::fs::write(&path, [legacy.into_bytes(), good].concat()).unwrap();
+        let (store, replayed) = EventStore::open(&path).unwrap();
+        assert_eq!(replayed, 4);
+        assert_eq!(store.items("u9"), ["i9"]);
     }
 
     #[test]

@@ -31,14 +31,14 @@ fn start_up_time_of_a_large_event_log() {
     {
         let mut w = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
         for n in 0..events {
-            writeln!(
-                w,
-                r#"{{"user_id":"user-{}","item_id":"{}","kind":"view","timestamp":{}}}"#,
-                n.wrapping_mul(2_654_435_761) % users,
-                n.wrapping_mul(40_503) % 1682 + 1,
-                1_700_000_000 + n
-            )
-            .unwrap();
+            let ev = cascade_core::Event {
+                user_id: format!("user-{}", n.wrapping_mul(2_654_435_761) % users),
+                item_id: (n.wrapping_mul(40_503) % 1682 + 1).to_string(),
+                kind: "view".into(),
+                timestamp: 1_700_000_000 + n as i64,
+            };
+            w.write_all(cascade_core::events::log_line(&ev).unwrap().as_bytes())
+                .unwrap();
         }
     }
     let log_bytes = std::fs::metadata(&path).unwrap().len();

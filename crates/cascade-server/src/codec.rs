@@ -4,7 +4,6 @@
 //! counted. tonic decodes before the handler runs, so the per-RPC metrics
 //! never see these requests; [`decode_failures`] does.
 
-use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
@@ -19,17 +18,11 @@ pub fn decode_failures() -> u64 {
 }
 
 /// See the module docs; the generated server uses it (`build.rs`).
-pub struct RequestCodec<T, U> {
-    inner: ProstCodec<T, U>,
-    _types: PhantomData<(T, U)>,
-}
+pub struct RequestCodec<T, U>(ProstCodec<T, U>);
 
 impl<T, U> Default for RequestCodec<T, U> {
     fn default() -> Self {
-        Self {
-            inner: ProstCodec::default(),
-            _types: PhantomData,
-        }
+        Self(ProstCodec::default())
     }
 }
 
@@ -44,11 +37,11 @@ where
     type Decoder = RequestDecoder<<ProstCodec<T, U> as Codec>::Decoder>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        self.inner.encoder()
+        self.0.encoder()
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder(self.inner.decoder())
+        RequestDecoder(self.0.decoder())
     }
 }
 

@@ -5,7 +5,7 @@
 //! patience) or, for a refit without validation, the epoch that the
 //! evaluation run of the same model chose ([`Schedule::Follow`]).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -240,7 +240,9 @@ fn run_epochs(
     };
     let how = match spec.schedule {
         Schedule::EarlyStop { patience, publish } => {
-            let (mut best, mut best_snap, mut since_best) = (None::<(f64, usize)>, None, 0);
+            // The best validation value, its epoch and its weights.
+            let mut best: Option<(f64, usize, Weights)> = None;
+            let mut since_best = 0;
             for e in 0..spec.epochs {
                 let loss = epoch(&pb)?;
                 curve.train_loss.push(loss);
@@ -258,10 +260,10 @@ fn run_epochs(
                     spec.metric_name
                 ));
                 let better =
-                    best.is_none_or(|(b, _)| if spec.higher_is_better { v > b } else { v < b });
+                    best.as_ref()
+                        .is_none_or(|&(b, _, _)| if spec.higher_is_better { v > b } else { v < b });
                 if better {
-                    best = Some((v, e));
-                    best_snap = Some(snapshot(varmap)?);
+                    best = Some((v, e, snapshot(varmap)?));
                     since_best = 0;
                     if let Some(p) = publish {
                         p.best_so_far(e);
@@ -273,8 +275,8 @@ fn run_epochs(
                     }
                 }
             }
-            if let (Some(s), Some((_, e))) = (best_snap, best) {
-                restore(varmap, &s)?;
+            if let Some((_, e, weights)) = best {
+                restore(varmap, &weights)?;
                 curve.best_epoch = e;
             }
             if let Some(p) = publish {
@@ -283,7 +285,7 @@ fn run_epochs(
             "best epoch".to_string()
         }
         Schedule::Follow(choice) => {
-            let mut kept: VecDeque<(usize, Vec<(String, Tensor)>)> = VecDeque::new();
+            let mut kept: Vec<(usize, Weights)> = Vec::new();
             for e in 0..spec.epochs {
                 let st = choice.peek();
                 match st.chosen {
@@ -295,7 +297,7 @@ fn run_epochs(
                 curve.train_loss.push(loss);
                 pb.set_message(format!("epoch {e} loss {loss:.4}"));
                 kept.retain(|(k, _)| *k >= st.floor);
-                kept.push_back((e, snapshot(varmap)?));
+                kept.push((e, snapshot(varmap)?));
             }
             let c = choice.wait()?;
             let (_, snap) = kept.iter().find(|(k, _)| *k == c).ok_or_else(|| {
@@ -330,7 +332,10 @@ pub fn progress(show: bool, steps: u64, name: &str) -> ProgressBar {
     pb
 }
 
-fn snapshot(vm: &VarMap) -> Result<Vec<(String, Tensor)>, TrainError> {
+/// A copy of every variable of a model, by name.
+type Weights = Vec<(String, Tensor)>;
+
+fn snapshot(vm: &VarMap) -> Result<Weights, TrainError> {
     let data = vm
         .data()
         .lock()

@@ -779,6 +779,18 @@ fn index_cmd(a: IndexArgs) -> Result<()> {
 
 fn serve_cmd(a: ServeArgs) -> Result<()> {
     use cascade_server::{Backend, Role, ServeOptions};
+    // Checked before anything slow (a model load can take minutes).
+    let connections = Connections {
+        keepalive_interval: secs("--keepalive-secs", a.keepalive_secs)?,
+        keepalive_timeout: secs("--keepalive-timeout-secs", a.keepalive_timeout_secs)?,
+        max_age: Some(secs(
+            "--max-connection-age-secs",
+            a.max_connection_age_secs,
+        )?)
+        .filter(|d| !d.is_zero()),
+        drain_timeout: secs("--drain-timeout-secs", a.drain_timeout_secs)?,
+        ..Connections::default()
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -891,17 +903,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         max_in_flight: a.max_in_flight,
         workers: a.workers.unwrap_or_else(cascade_server::default_workers),
         telemetry,
-        connections: Connections {
-            keepalive_interval: secs("--keepalive-secs", a.keepalive_secs)?,
-            keepalive_timeout: secs("--keepalive-timeout-secs", a.keepalive_timeout_secs)?,
-            max_age: Some(secs(
-                "--max-connection-age-secs",
-                a.max_connection_age_secs,
-            )?)
-            .filter(|d| !d.is_zero()),
-            drain_timeout: secs("--drain-timeout-secs", a.drain_timeout_secs)?,
-            ..Connections::default()
-        },
+        connections,
     };
     let local = match &backend {
         Backend::Local(h) => Some(h.clone()),

@@ -112,7 +112,7 @@ fn benches(c: &mut Criterion) {
     // Ranker forward on CPU per batch size.
     let fr = FactorizedRanker::new(
         &ranker.artifact.ranker,
-        &ranker.tables.items,
+        &ranker.artifact.tables.items,
         ranker.artifact.space.user_cats.clone(),
     )
     .expect("factorized");

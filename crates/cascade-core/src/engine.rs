@@ -6,12 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use cascade_data::Item;
+use cascade_artifact::{Artifact, CascadeWeights};
 use cascade_model::nn::PairInputs;
 use cascade_model::serving::{FactorizedRanker, Row, UserPart};
-use cascade_train::eval::CascadeWeights;
-use cascade_train::features::Tables;
-use cascade_train::pipeline::Artifact;
 use fastbloom::BloomFilter;
 
 use crate::batch::BatchRun;
@@ -68,8 +65,6 @@ impl Rows for RankRows {
 /// Everything immutable about a loaded version; the ranking workers hold a share.
 struct Model {
     artifact: Artifact,
-    tables: Tables,
-    items: Vec<Item>,
     user_index: HashMap<String, u32>,
     item_index: HashMap<String, u32>,
     seen: Vec<BloomFilter>,
@@ -178,7 +173,7 @@ impl Engine {
             ..Default::default()
         })?;
         // The unknown-user slot through the tower and the ranker (context).
-        if let Some(item) = m.items.first() {
+        if let Some(item) = m.artifact.items.first() {
             self.predict(&PredictRequest {
                 user_id: "\u{0}warm-up".into(),
                 num_results: 10,
@@ -557,7 +552,7 @@ impl Engine {
         Some(
             m.artifact.space.user_seen[u as usize]
                 .iter()
-                .map(|&i| m.items[i as usize].id.clone())
+                .map(|&i| m.artifact.items[i as usize].id.clone())
                 .collect(),
         )
     }
@@ -585,7 +580,7 @@ fn sort_best_first(items: &mut [(u32, Scores)]) {
 impl Model {
     fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
         let artifact = Artifact::load(dir, device)?;
-        let (items, tables) = cascade_train::devices::item_tables(&artifact, device)?;
+        let items = &artifact.items;
         let item_index = items
             .iter()
             .enumerate()
@@ -609,15 +604,13 @@ impl Model {
         let fast = match device {
             Device::Cpu => Some(FactorizedRanker::new(
                 &artifact.ranker,
-                &tables.items,
+                &artifact.tables.items,
                 space.serving_user_cats(),
             )?),
             _ => None,
         };
         Ok(Self {
             artifact,
-            tables,
-            items,
             user_index,
             item_index,
             seen,
@@ -748,7 +741,7 @@ impl Model {
     /// leads the history. For the unknown-user slot `recent` is all of it.
     fn user_vector(&self, u: u32, recent: &[u32]) -> Result<Vec<f32>, EngineError> {
         let uidx = Tensor::new(&[u], &self.device)?;
-        let mut inputs = self.tables.users(&uidx)?;
+        let mut inputs = self.artifact.tables.users(&uidx)?;
         if !recent.is_empty() {
             let space = &self.artifact.space;
             let len = space.dims.history_len.max(1);
@@ -857,7 +850,7 @@ impl Model {
             .flat_map(|j| j.tt.iter())
             .zip(rating.iter().zip(&engage))
             .map(|(&tt, (&rating, &engage))| Scores {
-                score: engage + self.weights.rating * (rating - mean) + self.weights.retrieval * tt,
+                score: self.weights.score(engage, rating, mean, tt),
                 retrieval: tt,
                 rating,
             });
@@ -879,12 +872,14 @@ impl Model {
             tt.extend_from_slice(&j.tt);
         }
         let user_in = self
+            .artifact
             .tables
             .users(&Tensor::from_vec(users, n, &self.device)?)?;
-        let item_in = self
-            .tables
-            .items
-            .select(&Tensor::from_vec(items, n, &self.device)?)?;
+        let item_in =
+            self.artifact
+                .tables
+                .items
+                .select(&Tensor::from_vec(items, n, &self.device)?)?;
         let tt_t = Tensor::from_vec(tt, (n, 1), &self.device)?;
         let out = self.artifact.ranker.forward(&PairInputs {
             user: &user_in,
@@ -895,7 +890,7 @@ impl Model {
     }
 
     fn scored(&self, i: u32, sc: Scores) -> ScoredItem {
-        let it = &self.items[i as usize];
+        let it = &self.artifact.items[i as usize];
         let title = match it.year {
             Some(y) => format!("{} ({y})", it.title),
             None => it.title.clone(),

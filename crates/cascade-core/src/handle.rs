@@ -127,7 +127,7 @@ impl EngineHandle {
                 loop {
                     std::thread::sleep(every);
                     let Some(h) = weak.upgrade() else { return };
-                    let Ok(newest) = cascade_model::artifact::latest_version(&h.root) else {
+                    let Ok(newest) = cascade_artifact::manifest::latest_version(&h.root) else {
                         continue;
                     };
                     if same_dir(h.current().dir(), &newest) || failed.as_ref() == Some(&newest) {
@@ -197,7 +197,7 @@ fn resolve(root: &Path, version: Option<&str>) -> Result<PathBuf, EngineError> {
     if let Some(v) = version.filter(|v| !v.is_empty()) {
         let bad = v.contains('/') || v.contains('\\') || v == "." || v == "..";
         let dir = root.join(v);
-        if bad || !dir.join(cascade_model::artifact::MANIFEST).exists() {
+        if bad || !dir.join(cascade_artifact::manifest::MANIFEST).exists() {
             return Err(EngineError::NotFound(format!(
                 "no model version {v:?} under {}",
                 root.display()
@@ -205,10 +205,10 @@ fn resolve(root: &Path, version: Option<&str>) -> Result<PathBuf, EngineError> {
         }
         return Ok(dir);
     }
-    if root.join(cascade_model::artifact::MANIFEST).exists() {
+    if root.join(cascade_artifact::manifest::MANIFEST).exists() {
         return Ok(root.to_path_buf());
     }
-    cascade_model::artifact::latest_version(root).map_err(|e| {
+    cascade_artifact::manifest::latest_version(root).map_err(|e| {
         EngineError::NotFound(format!("no model version under {}: {e}", root.display()))
     })
 }

@@ -12,7 +12,6 @@ mod engine;
 pub mod events;
 mod handle;
 pub mod metrics;
-pub mod served_eval;
 
 pub use batch::{BatchConfig, BatchRun, CallCtx};
 pub use engine::{Engine, EngineConfig};
@@ -61,7 +60,7 @@ pub enum EngineError {
     #[error("not found: {0}")]
     NotFound(String),
     #[error("loading artifact: {0}")]
-    Load(#[from] cascade_train::TrainError),
+    Load(#[from] cascade_artifact::ArtifactError),
     #[error("loading artifact: {0}")]
     Data(#[from] cascade_data::DataError),
     #[error("model: {0}")]

@@ -1,6 +1,5 @@
-//! Candle models for Cascade and the artifact manifest they are shipped in.
+//! Candle models for Cascade (the artifact they are shipped in is `cascade-artifact`).
 
-pub mod artifact;
 pub mod encoder;
 pub mod nn;
 pub mod ops;
@@ -20,8 +19,6 @@ pub enum ModelError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("corrupt artifact: {}: {msg}", path.display())]
-    Corrupt { path: PathBuf, msg: String },
     #[error("{0}")]
     Invalid(String),
 }

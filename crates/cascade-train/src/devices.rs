@@ -11,24 +11,20 @@ use cascade_model::parity::{agreement, Agreement};
 use cascade_model::serving::{FactorizedRanker, Row};
 use serde::Serialize;
 
-use crate::features::Tables;
-use crate::pipeline::{Artifact, VECTORS_FILE};
+use cascade_artifact::Artifact;
+
 use crate::TrainError;
 
 /// An artifact's ranker and feature tables, loaded on one device.
 pub struct LoadedRanker {
     pub artifact: Artifact,
-    pub tables: Tables,
     pub device: Device,
 }
 
 impl LoadedRanker {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, TrainError> {
-        let artifact = Artifact::load(dir, device)?;
-        let (_, tables) = item_tables(&artifact, device)?;
         Ok(Self {
-            artifact,
-            tables,
+            artifact: Artifact::load(dir, device)?,
             device: device.clone(),
         })
     }
@@ -56,8 +52,8 @@ impl LoadedRanker {
         tt: &Tensor,
     ) -> Result<(Tensor, Tensor), TrainError> {
         let out = self.artifact.ranker.forward(&PairInputs {
-            user: &self.tables.users(users)?,
-            item: &self.tables.items.select(items)?,
+            user: &self.artifact.tables.users(users)?,
+            item: &self.artifact.tables.items.select(items)?,
             tt_score: tt,
         })?;
         Ok((out.rating, out.engage))
@@ -68,7 +64,7 @@ impl LoadedRanker {
     /// term are not counted).
     pub fn flops_per_row(&self) -> f64 {
         let d = &self.artifact.space.dims;
-        let c = &self.artifact.serving.train.ranker;
+        let c = &self.artifact.serving.ranker;
         let k = c.field_dim as f64;
         let fields = (6 + d.user_cat_vocab.len()) as f64;
         let (h1, h2) = (c.hidden[0] as f64, c.hidden[1] as f64);
@@ -78,22 +74,6 @@ impl LoadedRanker {
             + h1 * h2
             + h2 * 2.0)
     }
-}
-
-/// The artifact's items (from `items.csv`) and its feature tables on `device`.
-pub fn item_tables(
-    artifact: &Artifact,
-    device: &Device,
-) -> Result<(Vec<cascade_data::Item>, Tables), TrainError> {
-    let dir = &artifact.dir;
-    let (items, _) = cascade_data::format::read_items(&dir.join("items.csv"))?;
-    let vectors = candle_core::safetensors::load(dir.join(VECTORS_FILE), &Device::Cpu)?;
-    let text: Vec<Vec<f32>> = vectors
-        .get("item_text")
-        .ok_or_else(|| TrainError::Invalid(format!("{VECTORS_FILE} lacks item_text")))?
-        .to_vec2()?;
-    let tables = Tables::build(&artifact.space, &items, &text, device)?;
-    Ok((items, tables))
 }
 
 /// Random rows over the artifact's users and items, with two-tower scores in [-1, 1].
@@ -138,7 +118,7 @@ pub fn ranker_agreement(
     };
     let f = FactorizedRanker::new(
         &cpu.artifact.ranker,
-        &cpu.tables.items,
+        &cpu.artifact.tables.items,
         cpu.artifact.space.user_cats.clone(),
     )?;
     let parts: Vec<_> = u.iter().map(|&x| f.user(x)).collect();

@@ -13,27 +13,19 @@ use cascade_data::split::{per_user_split, random_split};
 use cascade_data::Dataset;
 use serde::{Deserialize, Serialize};
 
-use crate::features::{FeatureSpace, Tables};
 use crate::metrics::{self, top_indices, TopK};
 use crate::train::{
     self, Curve, EpochChoice, Holdout, RankerData, Schedule, TrainConfig, TrainedRanker,
     TrainedTwoTower,
 };
 use crate::TrainError;
+use cascade_artifact::features::{FeatureSpace, Tables};
+use cascade_artifact::CascadeWeights;
 
 pub const K: usize = 10;
 
 /// A retrieved candidate: (item, engagement logit, predicted rating, two-tower score).
 type Candidate = (u32, f32, f32, f32);
-
-/// How the cascade orders candidates:
-/// `engage + rating · (predicted rating − mean) + retrieval · two-tower score`.
-/// Both weights are chosen on validation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct CascadeWeights {
-    pub rating: f32,
-    pub retrieval: f32,
-}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ranking {
@@ -362,7 +354,7 @@ impl Models {
 fn order_cascade(cands: &[Candidate], w: CascadeWeights, mean: f32) -> Vec<u32> {
     let mut v: Vec<(u32, f32)> = cands
         .iter()
-        .map(|&(i, e, r, t)| (i, e + w.rating * (r - mean) + w.retrieval * t))
+        .map(|&(i, e, r, t)| (i, w.score(e, r, mean, t)))
         .collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     v.into_iter().map(|x| x.0).collect()

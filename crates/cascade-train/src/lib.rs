@@ -3,7 +3,6 @@
 
 pub mod devices;
 pub mod eval;
-pub mod features;
 pub mod metrics;
 pub mod pipeline;
 pub mod plot;
@@ -12,6 +11,8 @@ pub mod train;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    #[error(transparent)]
+    Artifact(#[from] cascade_artifact::ArtifactError),
     #[error(transparent)]
     Data(#[from] cascade_data::DataError),
     #[error(transparent)]

@@ -1,21 +1,23 @@
 //! End-to-end offline pipeline: text embeddings → training + evaluation →
-//! HNSW index → sealed artifact directory; and the loader that verifies one.
+//! HNSW index → sealed artifact directory (read back by
+//! [`cascade_artifact::Artifact::load`]).
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Tensor};
+use cascade_artifact::manifest::{HnswParams, Manifest, FORMAT_VERSION};
+use cascade_artifact::{
+    Artifact, ServingConfig, FEATURES_FILE, ITEMS_FILE, RANKER_FILE, SERVING_FILE, TRAIN_FILE,
+    TWO_TOWER_FILE, VECTORS_FILE,
+};
 use cascade_data::{atomic_dir, Dataset};
-use cascade_model::artifact::{HnswParams, Manifest, FORMAT_VERSION};
 use cascade_model::encoder::TextEncoder;
-use cascade_model::nn::{Ranker, TwoTower};
 use cascade_retrieval::{recall_at_k, IndexParams, ItemIndex, INDEX_BASENAME};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::eval::{self, Models, RankingReport, RatingReport};
-use crate::features::FeatureSpace;
 use crate::train::TrainConfig;
 use crate::TrainError;
 
@@ -33,7 +35,7 @@ pub fn embed_items(
     let texts: Vec<String> = ds.items.iter().map(|i| i.content_text()).collect();
     let weights = minilm_dir.join("model.safetensors");
     let mut h = Sha256::new();
-    h.update(cascade_model::artifact::sha256_file(&weights)?);
+    h.update(cascade_artifact::manifest::sha256_file(&weights)?);
     for t in &texts {
         h.update(t.as_bytes());
         h.update(b"\n");
@@ -140,21 +142,26 @@ fn report(
     }
 }
 
-/// Serving-side settings recorded next to the weights.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServingConfig {
+/// What an artifact records about how its models were made: the serving
+/// side's [`ServingConfig`] (`serving.json`) and, for provenance only, the
+/// whole training configuration (`train.json`).
+#[derive(Debug, Clone)]
+pub struct Shipped {
     pub train: TrainConfig,
-    pub cascade_weights: crate::eval::CascadeWeights,
-    pub candidates: usize,
+    pub serving: ServingConfig,
 }
 
-impl ServingConfig {
+impl Shipped {
     /// What the server needs to use `models` as trained with `train`.
     pub fn for_models(train: &TrainConfig, models: &Models, candidates: usize) -> Self {
         Self {
             train: train.clone(),
-            cascade_weights: models.cascade_weights,
-            candidates,
+            serving: ServingConfig {
+                two_tower: train.two_tower.clone(),
+                ranker: train.ranker.clone(),
+                cascade_weights: models.cascade_weights,
+                candidates,
+            },
         }
     }
 }
@@ -167,16 +174,16 @@ pub fn write_artifact(
     text: &[Vec<f32>],
     models: &Models,
     report: &EvalReport,
-    serving: &ServingConfig,
+    shipped: &Shipped,
     index: IndexParams,
 ) -> Result<(PathBuf, Manifest), TrainError> {
     let (version, created, dest) = new_version(root, &ds.checksum)?;
-    let dim = serving.train.two_tower.dim;
+    let dim = shipped.serving.two_tower.dim;
     let mut manifest = None;
     atomic_dir(&dest, |dir| -> Result<(), TrainError> {
         let p = |name: &str| dir.join(name);
-        models.two_tower.varmap.save(p("two_tower.safetensors"))?;
-        models.ranker.varmap.save(p("ranker.safetensors"))?;
+        models.two_tower.varmap.save(p(TWO_TOWER_FILE))?;
+        models.ranker.varmap.save(p(RANKER_FILE))?;
         let rows = |v: &[f32]| -> Result<Tensor, TrainError> {
             Ok(Tensor::from_vec(
                 v.to_vec(),
@@ -194,8 +201,9 @@ pub fn write_artifact(
             .collect(),
             p(VECTORS_FILE),
         )?;
-        write_json(&p("features.json"), &models.space)?;
-        write_json(&p("serving.json"), serving)?;
+        write_json(&p(FEATURES_FILE), &models.space)?;
+        write_json(&p(SERVING_FILE), &shipped.serving)?;
+        write_json(&p(TRAIN_FILE), &shipped.train)?;
         write_json(&p("metrics.json"), report)?;
         write_curves(&p("loss_curves.svg"), report)?;
         let esc = |s: &str| {
@@ -215,7 +223,7 @@ pub fn write_artifact(
                 esc(&it.genres.join("|"))
             ));
         }
-        std::fs::write(p("items.csv"), out).map_err(|e| TrainError::io(dir, e))?;
+        std::fs::write(p(ITEMS_FILE), out).map_err(|e| TrainError::io(dir, e))?;
 
         let vectors: Vec<Vec<f32>> = models.item_vecs.chunks(dim).map(<[f32]>::to_vec).collect();
         let queries: Vec<Vec<f32>> = models.user_vecs.chunks(dim).map(<[f32]>::to_vec).collect();
@@ -299,9 +307,8 @@ pub fn train_artifact(
     models.cascade_weights = weights;
     let mut report = report(ds, cfg, ranking, rating, t0);
     report.refit_seconds = refit_time.as_secs_f64();
-    let serving =
-        ServingConfig::for_models(&eval::refit_config(cfg, &models), &models, opts.candidates);
-    let (dir, manifest) = write_artifact(root, ds, text, &models, &report, &serving, opts.index)?;
+    let shipped = Shipped::for_models(&eval::refit_config(cfg, &models), &models, opts.candidates);
+    let (dir, manifest) = write_artifact(root, ds, text, &models, &report, &shipped, opts.index)?;
     Ok((report, dir, manifest))
 }
 
@@ -360,9 +367,6 @@ pub fn write_curves(path: &Path, report: &EvalReport) -> Result<(), TrainError> 
     }
     crate::plot::write_curves(path, &curves)
 }
-
-/// Item and user two-tower vectors and item text embeddings.
-pub const VECTORS_FILE: &str = "vectors.safetensors";
 
 /// Build the HNSW index over `items`, measure recall@100 against exact search
 /// with (up to 1,000 of) `queries`, and dump it into `dir`.
@@ -470,113 +474,4 @@ pub fn summary(r: &EvalReport) -> serde_json::Value {
         "mae": r.rating.as_ref().map(|x| x.mae),
         "users_evaluated": r.ranking.users_evaluated,
     })
-}
-
-/// A verified, loaded artifact.
-pub struct Artifact {
-    pub dir: PathBuf,
-    pub manifest: Manifest,
-    pub space: FeatureSpace,
-    pub serving: ServingConfig,
-    pub two_tower: TwoTower,
-    pub ranker: Ranker,
-    pub item_vectors: Vec<Vec<f32>>,
-    pub index: ItemIndex,
-}
-
-impl Artifact {
-    /// Verify checksums and dimensions, then load every part. Any mismatch is an error.
-    pub fn load(dir: &Path, dev: &Device) -> Result<Self, TrainError> {
-        let manifest = Manifest::verify(dir)?;
-        let corrupt = |msg: String| {
-            TrainError::Model(cascade_model::ModelError::Corrupt {
-                path: dir.to_path_buf(),
-                msg,
-            })
-        };
-        // Every part the loader needs must be listed (and therefore checksummed).
-        let required = [
-            "features.json",
-            "serving.json",
-            "two_tower.safetensors",
-            "ranker.safetensors",
-            VECTORS_FILE,
-            "items.hnsw.graph",
-            "items.hnsw.data",
-        ];
-        if let Some(missing) = required.iter().find(|f| !manifest.files.contains_key(**f)) {
-            return Err(corrupt(format!(
-                "manifest does not list {missing} (an artifact from another build?)"
-            )));
-        }
-        let read = |name: &str| -> Result<String, TrainError> {
-            std::fs::read_to_string(dir.join(name)).map_err(|e| TrainError::io(&dir.join(name), e))
-        };
-        let space: FeatureSpace = serde_json::from_str(&read("features.json")?)
-            .map_err(|e| corrupt(format!("features.json: {e}")))?;
-        let serving: ServingConfig = serde_json::from_str(&read("serving.json")?)
-            .map_err(|e| corrupt(format!("serving.json: {e}")))?;
-        if space.dims.num_items != manifest.num_items
-            || space.dims.num_users != manifest.num_users
-            || serving.train.two_tower.dim != manifest.embedding_dim
-            || space.dims.text_dim != manifest.text_dim
-        {
-            return Err(corrupt(
-                "features.json / serving.json dimensions disagree with manifest.json".into(),
-            ));
-        }
-        let load_vb = |name: &str| -> Result<VarBuilder<'static>, TrainError> {
-            // SAFETY: artifact files are immutable once sealed; they are mapped read-only.
-            Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join(name)], DType::F32, dev)? })
-        };
-        let two_tower = TwoTower::new(
-            load_vb("two_tower.safetensors")?,
-            &space.dims,
-            &serving.train.two_tower,
-        )
-        .map_err(|e| corrupt(format!("two_tower.safetensors: {e}")))?;
-        let ranker = Ranker::new(
-            load_vb("ranker.safetensors")?,
-            &space.dims,
-            &serving.train.ranker,
-            space.global_mean_rating,
-        )
-        .map_err(|e| corrupt(format!("ranker.safetensors: {e}")))?;
-        let tensors = candle_core::safetensors::load(dir.join(VECTORS_FILE), &Device::Cpu)?;
-        let tt = tensors
-            .get("item_two_tower")
-            .ok_or_else(|| corrupt(format!("{VECTORS_FILE} lacks `item_two_tower`")))?;
-        if tt.dims() != [manifest.num_items, manifest.embedding_dim] {
-            return Err(corrupt(format!(
-                "item vectors have shape {:?}, manifest says [{}, {}]",
-                tt.dims(),
-                manifest.num_items,
-                manifest.embedding_dim
-            )));
-        }
-        let item_vectors: Vec<Vec<f32>> = tt.to_vec2()?;
-        let params = IndexParams {
-            max_nb_connection: manifest.hnsw.max_nb_connection,
-            ef_construction: manifest.hnsw.ef_construction,
-            max_layer: manifest.hnsw.max_layer,
-            ef_search: manifest.hnsw.ef_search,
-        };
-        let index = ItemIndex::load(dir, params)?;
-        if index.len != manifest.num_items || index.dim != manifest.embedding_dim {
-            return Err(corrupt(format!(
-                "HNSW holds {} vectors of dim {}, manifest says {} of {}",
-                index.len, index.dim, manifest.num_items, manifest.embedding_dim
-            )));
-        }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            manifest,
-            space,
-            serving,
-            two_tower,
-            ranker,
-            item_vectors,
-            index,
-        })
-    }
 }

@@ -15,19 +15,20 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
+use cascade_artifact::manifest::Manifest;
 use cascade_data::synthetic::planted;
-use cascade_model::artifact::Manifest;
 use cascade_model::nn::{seeded_init, Ranker, TwoTower};
 use cascade_retrieval::IndexParams;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::eval::{CascadeWeights, Models, RankingReport};
-use crate::features::{FeatureSpace, Tables};
-use crate::pipeline::{write_artifact, EvalReport, ServingConfig};
+use crate::eval::{Models, RankingReport};
+use crate::pipeline::{write_artifact, EvalReport, Shipped};
 use crate::train::{TrainConfig, TrainedRanker, TrainedTwoTower};
 use crate::TrainError;
+use cascade_artifact::features::{FeatureSpace, Tables};
+use cascade_artifact::CascadeWeights;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SynthConfig {
@@ -196,10 +197,10 @@ pub fn synth_artifact(
         seconds: 0.0,
         refit_seconds: 0.0,
     };
-    let serving = ServingConfig::for_models(&train, &models, cfg.candidates);
+    let shipped = Shipped::for_models(&train, &models, cfg.candidates);
     let generate_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let (dir, manifest) = write_artifact(root, &ds, &text, &models, &report, &serving, cfg.index)?;
+    let (dir, manifest) = write_artifact(root, &ds, &text, &models, &report, &shipped, cfg.index)?;
     let write_seconds = t1.elapsed().as_secs_f64();
     let artifact_bytes = std::fs::read_dir(&dir)
         .map_err(|e| TrainError::io(&dir, e))?

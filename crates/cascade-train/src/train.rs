@@ -20,9 +20,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::features::{FeatureSpace, Tables};
 use crate::metrics::{self, top_indices};
 use crate::TrainError;
+use cascade_artifact::features::{FeatureSpace, Tables};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainConfig {

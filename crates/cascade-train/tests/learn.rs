@@ -2,10 +2,11 @@
 //! round-trips and refuses corruption.
 
 use candle_core::Device;
+use cascade_artifact::Artifact;
 use cascade_data::synthetic::planted;
 use cascade_data::Dataset;
 use cascade_retrieval::IndexParams;
-use cascade_train::pipeline::{self, Artifact};
+use cascade_train::pipeline;
 use cascade_train::train::TrainConfig;
 
 fn small_cfg() -> TrainConfig {
@@ -100,14 +101,14 @@ fn artifact_round_trip_and_corruption() {
     };
     let (report, models) = pipeline::evaluate(&ds, &text, &cfg, 20, false, &Device::Cpu).unwrap();
     let root = tempfile::tempdir().unwrap();
-    let serving = pipeline::ServingConfig::for_models(&cfg, &models, 20);
+    let shipped = pipeline::Shipped::for_models(&cfg, &models, 20);
     let (dir, manifest) = pipeline::write_artifact(
         root.path(),
         &ds,
         &text,
         &models,
         &report,
-        &serving,
+        &shipped,
         IndexParams::default(),
     )
     .unwrap();
@@ -147,7 +148,7 @@ fn artifact_round_trip_and_corruption() {
     let hits = a.index.search(&a.item_vectors[5], 1, None);
     assert_eq!(hits[0].item, 5, "an item is its own nearest neighbour");
     assert_eq!(
-        cascade_model::artifact::latest_version(root.path()).unwrap(),
+        cascade_artifact::manifest::latest_version(root.path()).unwrap(),
         dir
     );
 
@@ -171,7 +172,7 @@ fn artifact_round_trip_and_corruption() {
     let b = Artifact::load(&dir2, &Device::Cpu).unwrap();
     assert_eq!(b.index.search(&b.item_vectors[5], 1, None)[0].item, 5);
     assert_eq!(
-        cascade_model::artifact::latest_version(root.path()).unwrap(),
+        cascade_artifact::manifest::latest_version(root.path()).unwrap(),
         dir2
     );
 
@@ -212,7 +213,7 @@ fn artifact_round_trip_and_corruption() {
     let text = std::fs::read_to_string(&mpath).unwrap();
     let current = format!(
         "\"format_version\": {}",
-        cascade_model::artifact::FORMAT_VERSION
+        cascade_artifact::manifest::FORMAT_VERSION
     );
     assert!(text.contains(&current), "{text}");
     std::fs::write(&mpath, text.replace(&current, "\"format_version\": 99")).unwrap();
@@ -221,6 +222,31 @@ fn artifact_round_trip_and_corruption() {
         .expect("wrong version")
         .to_string();
     assert!(e.contains("format_version 99"), "{e}");
+    assert!(
+        e.contains("rebuild"),
+        "the refusal says how to recover: {e}"
+    );
+
+    // An artifact written before serving.json and train.json were split
+    // (format 3: the whole training config nested in serving.json) still
+    // loads, with the same serving settings.
+    std::fs::write(&mpath, &text).unwrap();
+    let before = Artifact::load(&dir, &Device::Cpu).unwrap().serving;
+    assert_eq!(before, shipped.serving);
+    let v3 = serde_json::json!({
+        "train": serde_json::to_value(&shipped.train).unwrap(),
+        "cascade_weights": shipped.serving.cascade_weights,
+        "candidates": shipped.serving.candidates,
+    });
+    std::fs::write(dir.join("serving.json"), v3.to_string()).unwrap();
+    std::fs::remove_file(dir.join("train.json")).unwrap();
+    let mut old = manifest.clone();
+    old.format_version = 3;
+    old.seal(&dir).unwrap();
+    let a3 = Artifact::load(&dir, &Device::Cpu).unwrap();
+    assert_eq!(a3.manifest.format_version, 3);
+    assert_eq!(a3.serving, before);
+    assert_eq!(a3.item_vectors, a.item_vectors);
 }
 
 #[test]
@@ -295,23 +321,26 @@ fn the_artifact_is_refit_on_every_interaction_with_the_chosen_epochs() {
     }
     let seen: usize = a.space.user_seen.iter().map(Vec::len).sum();
     assert_eq!(seen, pairs.len());
-    // The serving config records the refit's epochs, the cascade weights the evaluation's.
-    assert_eq!(a.serving.train.tt_epochs, curves[0].best_epoch + 1);
+    // The training record holds the refit's epochs, the serving config the
+    // evaluation's cascade weights.
+    let train: TrainConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train.json")).unwrap()).unwrap();
+    assert_eq!(train.tt_epochs, curves[0].best_epoch + 1);
     assert_eq!(a.serving.cascade_weights, report.ranking.cascade_weights);
 }
 
 /// A small planted dataset with every interaction in training and no
 /// validation rows: what a refit trains on.
 struct RefitFixture {
-    space: cascade_train::features::FeatureSpace,
-    tables: cascade_train::features::Tables,
+    space: cascade_artifact::features::FeatureSpace,
+    tables: cascade_artifact::features::Tables,
     pairs: Vec<(u32, u32)>,
     empty: Vec<std::collections::HashSet<u32>>,
 }
 
 impl RefitFixture {
     fn new(users: usize, items: usize) -> Self {
-        use cascade_train::features::{FeatureSpace, Tables};
+        use cascade_artifact::features::{FeatureSpace, Tables};
         let ds = planted(users, items, 2, 10, 6);
         let text = fake_text(&ds);
         let all: Vec<usize> = (0..ds.interactions.len()).collect();

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use cascade_artifact::Artifact;
 use cascade_core::{BatchConfig, EngineConfig, EngineHandle, EventStore};
 use cascade_data::fetch::{self, Source};
 use cascade_data::Dataset;
 use cascade_retrieval::IndexParams;
-use cascade_train::pipeline::{self, Artifact};
+use cascade_train::pipeline;
 use cascade_train::train::TrainConfig;
 use clap::{Args, Parser, Subcommand};
 
@@ -364,13 +365,13 @@ struct EvalArgs {
     #[arg(long, env = "CASCADE_EVAL_PROTOCOL", default_value = "random")]
     protocol: String,
     /// Temporal protocol: share of each user's interactions held out (the latest).
-    #[arg(long, default_value_t = cascade_core::served_eval::TemporalConfig::default().holdout)]
+    #[arg(long, default_value_t = cascade_eval::TemporalConfig::default().holdout)]
     holdout: f64,
     /// Temporal protocol: share of users held out entirely and served as new users.
-    #[arg(long, default_value_t = cascade_core::served_eval::TemporalConfig::default().new_users)]
+    #[arg(long, default_value_t = cascade_eval::TemporalConfig::default().new_users)]
     new_users: f64,
     /// Temporal protocol: interactions a new user records as events before being asked.
-    #[arg(long, default_value_t = cascade_core::served_eval::TemporalConfig::default().new_user_events)]
+    #[arg(long, default_value_t = cascade_eval::TemporalConfig::default().new_user_events)]
     new_user_events: usize,
     /// Temporal protocol: write its report as JSON here.
     #[arg(long)]
@@ -684,7 +685,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         with_rating: false,
         index: IndexParams::default(),
     };
-    let tcfg = cascade_core::served_eval::TemporalConfig {
+    let tcfg = cascade_eval::TemporalConfig {
         holdout: a.holdout,
         new_users: a.new_users,
         new_user_events: a.new_user_events,
@@ -692,16 +693,9 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         ..Default::default()
     };
     let work = tempfile::tempdir()?;
-    let report = cascade_core::served_eval::temporal_protocol(
-        &ds,
-        &text,
-        &cfg,
-        &opts,
-        &tcfg,
-        work.path(),
-        &dev,
-    )?;
-    println!("\n{}", cascade_core::served_eval::table(&report));
+    let report =
+        cascade_eval::temporal_protocol(&ds, &text, &cfg, &opts, &tcfg, work.path(), &dev)?;
+    println!("\n{}", cascade_eval::table(&report));
     println!(
         "temporal protocol: artifact trained in {:.1}s, served answers in {:.1}s; total {:.1}s",
         report.train_seconds,
@@ -748,11 +742,13 @@ fn print_report(r: &pipeline::EvalReport) {
 
 /// An artifact version directory, or the newest version under a root.
 fn resolve_artifact(path: &Path) -> Result<PathBuf> {
-    Ok(if path.join(cascade_model::artifact::MANIFEST).exists() {
-        path.to_path_buf()
-    } else {
-        cascade_model::artifact::latest_version(path)?
-    })
+    Ok(
+        if path.join(cascade_artifact::manifest::MANIFEST).exists() {
+            path.to_path_buf()
+        } else {
+            cascade_artifact::manifest::latest_version(path)?
+        },
+    )
 }
 
 fn index_cmd(a: IndexArgs) -> Result<()> {
@@ -849,8 +845,11 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         (Backend::from(g), "remote".to_string())
     } else {
         if a.train_if_missing
-            && cascade_model::artifact::latest_version(&a.artifact).is_err()
-            && !a.artifact.join(cascade_model::artifact::MANIFEST).exists()
+            && cascade_artifact::manifest::latest_version(&a.artifact).is_err()
+            && !a
+                .artifact
+                .join(cascade_artifact::manifest::MANIFEST)
+                .exists()
         {
             train_first(&a)?;
         }

@@ -4,17 +4,19 @@
 //! relative paths, and symbolic links and unlisted files are refused.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::ModelError;
+use crate::ArtifactError;
 
 pub const MANIFEST: &str = "manifest.json";
 /// Bumped whenever the layout or a file's meaning changes.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
+/// The oldest format this build still reads. Format 3 kept the whole training
+/// configuration in `serving.json`; the loader lifts the two model shapes out
+/// of it (see [`crate::ServingConfig`]).
+pub const OLDEST_READABLE_FORMAT: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HnswParams {
@@ -45,23 +47,14 @@ pub struct Manifest {
     pub files: BTreeMap<String, String>,
 }
 
-pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
-    let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| ModelError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+/// Hex sha256 of a file (one implementation, shared with the dataset checks).
+pub fn sha256_file(path: &Path) -> Result<String, ArtifactError> {
+    Ok(cascade_data::sha256_file(path)?)
 }
 
 impl Manifest {
     /// Hash every regular file under `dir` (except the manifest) into `files`, then write `manifest.json`.
-    pub fn seal(mut self, dir: &Path) -> Result<Self, ModelError> {
+    pub fn seal(mut self, dir: &Path) -> Result<Self, ArtifactError> {
         self.files.clear();
         for (rel, p) in version_files(dir)? {
             if rel != MANIFEST {
@@ -69,32 +62,34 @@ impl Manifest {
             }
         }
         let path = dir.join(MANIFEST);
-        let text =
-            serde_json::to_string_pretty(&self).map_err(|e| ModelError::Invalid(e.to_string()))?;
-        std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))?;
+        let text = serde_json::to_string_pretty(&self)
+            .map_err(|e| ArtifactError::Invalid(e.to_string()))?;
+        std::fs::write(&path, text).map_err(|e| ArtifactError::io(&path, e))?;
         Ok(self)
     }
 
     /// Read and fully verify an artifact directory: format version, every
     /// listed file present with its sha256, no unlisted files, and nothing
     /// that leads outside the directory (absolute or `..` paths, symlinks).
-    pub fn verify(dir: &Path) -> Result<Self, ModelError> {
+    pub fn verify(dir: &Path) -> Result<Self, ArtifactError> {
         let path = dir.join(MANIFEST);
-        let corrupt = |path: &Path, msg: String| ModelError::Corrupt {
+        let corrupt = |path: &Path, msg: String| ArtifactError::Corrupt {
             path: path.to_path_buf(),
             msg,
         };
         // Every file of the version, walked without following links: any
         // symlink, or any file the manifest does not pin, is refused.
         let present: BTreeMap<String, PathBuf> = version_files(dir)?.into_iter().collect();
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| ArtifactError::io(&path, e))?;
         let m: Manifest = serde_json::from_str(&text)
             .map_err(|e| corrupt(&path, format!("unreadable manifest: {e}")))?;
-        if m.format_version != FORMAT_VERSION {
+        if !(OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&m.format_version) {
             return Err(corrupt(
                 &path,
                 format!(
-                    "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                    "format_version {} is not supported (this build reads \
+                     {OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}); rebuild the artifact \
+                     with this build's `cascade train` (or `cascade synth`)",
                     m.format_version
                 ),
             ));
@@ -141,16 +136,16 @@ fn plain_relative(rel: &str) -> bool {
 
 /// Every regular file under `dir` as (`/`-separated relative path, path),
 /// without following links: a symbolic link anywhere is an error.
-fn version_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ModelError> {
+fn version_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ArtifactError> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).map_err(|e| ModelError::io(&d, e))? {
-            let entry = entry.map_err(|e| ModelError::io(&d, e))?;
+        for entry in std::fs::read_dir(&d).map_err(|e| ArtifactError::io(&d, e))? {
+            let entry = entry.map_err(|e| ArtifactError::io(&d, e))?;
             let p = entry.path();
-            let kind = entry.file_type().map_err(|e| ModelError::io(&p, e))?;
+            let kind = entry.file_type().map_err(|e| ArtifactError::io(&p, e))?;
             if kind.is_symlink() {
-                return Err(ModelError::Corrupt {
+                return Err(ArtifactError::Corrupt {
                     path: p,
                     msg: "symbolic links are not allowed in a version".into(),
                 });
@@ -160,7 +155,7 @@ fn version_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ModelError> {
             } else if kind.is_file() {
                 let rel = p
                     .strip_prefix(dir)
-                    .map_err(|_| ModelError::Invalid("path outside artifact".into()))?;
+                    .map_err(|_| ArtifactError::Invalid("path outside artifact".into()))?;
                 out.push((rel.to_string_lossy().replace('\\', "/"), p));
             }
         }
@@ -169,15 +164,15 @@ fn version_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ModelError> {
 }
 
 /// The newest artifact version under `root` (directories sorted by name; versions are zero-padded timestamps).
-pub fn latest_version(root: &Path) -> Result<PathBuf, ModelError> {
+pub fn latest_version(root: &Path) -> Result<PathBuf, ArtifactError> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
-        .map_err(|e| ModelError::io(root, e))?
+        .map_err(|e| ArtifactError::io(root, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join(MANIFEST).exists())
         .collect();
     dirs.sort();
     dirs.pop().ok_or_else(|| {
-        ModelError::Invalid(format!(
+        ArtifactError::Invalid(format!(
             "no artifact (a directory with {MANIFEST}) under {}",
             root.display()
         ))

@@ -8,7 +8,7 @@ use cascade_data::{Dataset, Interaction, Item};
 use cascade_model::nn::{FeatureDims, ItemInputs, UserInputs};
 use serde::{Deserialize, Serialize};
 
-use crate::TrainError;
+use crate::ArtifactError;
 
 /// Everything needed to featurise users and items, stored as `features.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -195,7 +195,7 @@ impl Tables {
         items: &[Item],
         text: &[Vec<f32>],
         dev: &Device,
-    ) -> Result<Self, TrainError> {
+    ) -> Result<Self, ArtifactError> {
         let n = items.len();
         let g = space.dims.num_genres.max(1);
         let mut genres = vec![0f32; n * g];
@@ -214,7 +214,7 @@ impl Tables {
         let mut flat = Vec::with_capacity(n * td);
         for row in text {
             if row.len() != td {
-                return Err(TrainError::Invalid(format!(
+                return Err(ArtifactError::Invalid(format!(
                     "text embedding of width {} (expected {td})",
                     row.len()
                 )));

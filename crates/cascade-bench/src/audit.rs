@@ -17,8 +17,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use cascade_data::Dataset;
-use cascade_server::pb::cascade_client::CascadeClient;
-use cascade_server::pb::{
+use cascade_proto::pb::cascade_client::CascadeClient;
+use cascade_proto::pb::{
     Context, Event, PersonalizedBy, PredictRequest, PredictResponse, RecordEventsRequest,
 };
 use serde::Serialize;

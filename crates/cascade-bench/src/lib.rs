@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 pub mod audit;
 pub mod plot;
 
-use cascade_server::pb::cascade_client::CascadeClient;
-use cascade_server::pb::{PredictRequest, RankRequest, RetrieveRequest};
+use cascade_proto::pb::cascade_client::CascadeClient;
+use cascade_proto::pb::{PredictRequest, RankRequest, RetrieveRequest};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

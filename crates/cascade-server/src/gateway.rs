@@ -13,12 +13,10 @@ use opentelemetry::Context;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::pb::cascade_client::CascadeClient;
-use crate::pb::{self};
 use crate::telemetry::Telemetry;
-use crate::{
-    core_predict, deadline_exceeded, to_status, ServerError, MAX_MESSAGE_BYTES, MIN_BUDGET,
-};
+use crate::{deadline_exceeded, to_status, ServerError, MAX_MESSAGE_BYTES, MIN_BUDGET};
+use cascade_proto::pb;
+use cascade_proto::pb::cascade_client::CascadeClient;
 
 #[derive(Clone)]
 pub struct Gateway {
@@ -171,7 +169,7 @@ impl Gateway {
             return Err(deadline_exceeded());
         }
         let expires = deadline.map(|d| t0 + d);
-        let core = core_predict(r.clone());
+        let core = cascade_core::PredictRequest::from(r.clone());
         core.validate().map_err(to_status)?;
         let k = core.num_results;
         let exclude: HashSet<&str> = r.exclude_item_ids.iter().map(String::as_str).collect();

@@ -29,19 +29,8 @@ impl From<Gateway> for Backend {
     }
 }
 
-pub mod pb {
-    tonic::include_proto!("cascade.v1");
-    mod client {
-        include!(concat!(env!("OUT_DIR"), "/client/cascade.v1.rs"));
-    }
-    pub use client::cascade_client;
-    /// Encoded descriptors for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("cascade_descriptor");
-}
-
-pub mod codec;
-
+use cascade_proto::convert::{self, RankArgs, RetrieveArgs};
+use cascade_proto::pb;
 use pb::cascade_server::{Cascade, CascadeServer};
 
 /// Requests larger than this are refused by the codec (tonic answers OUT_OF_RANGE).
@@ -257,55 +246,6 @@ fn worker_failed(e: tokio::task::JoinError) -> Status {
     Status::internal("internal error while serving the request")
 }
 
-fn opt(v: f32) -> Option<f32> {
-    (!v.is_nan()).then_some(v)
-}
-
-fn to_pb(it: cascade_core::ScoredItem) -> pb::ScoredItem {
-    pb::ScoredItem {
-        item_id: it.item_id,
-        title: it.title,
-        score: it.score,
-        retrieval_score: opt(it.retrieval_score),
-        predicted_rating: opt(it.predicted_rating),
-    }
-}
-
-fn items_to_pb(r: cascade_core::RankResponse) -> pb::ScoredItems {
-    pb::ScoredItems {
-        items: r.items.into_iter().map(to_pb).collect(),
-        model_version: r.model_version,
-        cold_start: r.cold_start,
-        personalized_by: personalized_pb(r.personalized_by) as i32,
-    }
-}
-
-fn personalized_pb(by: cascade_core::PersonalizedBy) -> pb::PersonalizedBy {
-    use cascade_core::PersonalizedBy as P;
-    match by {
-        P::History => pb::PersonalizedBy::History,
-        P::Events => pb::PersonalizedBy::Events,
-        P::Context => pb::PersonalizedBy::Context,
-        P::Popularity => pb::PersonalizedBy::Popularity,
-    }
-}
-
-fn context_ids(c: Option<pb::Context>) -> Vec<String> {
-    c.map(|c| c.item_ids).unwrap_or_default()
-}
-
-/// The core request for a Predict message.
-pub fn core_predict(r: pb::PredictRequest) -> cascade_core::PredictRequest {
-    cascade_core::PredictRequest {
-        user_id: r.user_id,
-        num_results: r.num_results as usize,
-        num_candidates: r.num_candidates as usize,
-        exclude_item_ids: r.exclude_item_ids,
-        candidate_item_ids: r.candidate_item_ids,
-        context_item_ids: context_ids(r.context),
-    }
-}
-
 /// Default for `workers`: two per core, so one request can retrieve while
 /// another waits for its ranking batch.
 pub fn default_workers() -> usize {
@@ -355,16 +295,6 @@ pub(crate) fn deadline_exceeded() -> Status {
     Status::deadline_exceeded("deadline expired; the request was abandoned")
 }
 
-fn timings_pb(t: cascade_core::StageTimings) -> pb::StageTimings {
-    pb::StageTimings {
-        user_state_us: t.user_state_us,
-        retrieval_us: t.retrieval_us,
-        ranking_us: t.ranking_us,
-        total_us: t.total_us,
-        rank_queue_us: t.rank_queue_us,
-    }
-}
-
 type Staged<T> = Result<(T, Vec<StageSpan>), Status>;
 
 impl CascadeService {
@@ -379,20 +309,12 @@ impl CascadeService {
             let _permit = self.permit()?;
             return g.predict(req.into_inner(), deadline, cx).await;
         }
-        let core_req = core_predict(req.into_inner());
-        let resp = self
-            .blocking(deadline, move |e, ctx| e.predict_with(&core_req, ctx))
+        let r = cascade_core::PredictRequest::from(req.into_inner());
+        let mut resp = self
+            .blocking(deadline, move |e, ctx| e.predict_with(&r, ctx))
             .await?;
-        Ok((
-            pb::PredictResponse {
-                items: resp.items.into_iter().map(to_pb).collect(),
-                model_version: resp.model_version,
-                cold_start: resp.cold_start,
-                personalized_by: personalized_pb(resp.personalized_by) as i32,
-                timings: Some(timings_pb(resp.timings)),
-            },
-            resp.stages,
-        ))
+        let stages = std::mem::take(&mut resp.stages);
+        Ok((resp.into(), stages))
     }
 
     async fn rank_inner(
@@ -406,15 +328,14 @@ impl CascadeService {
             let _permit = self.permit()?;
             return Ok((g.rank(req.into_inner(), deadline, cx).await?, Vec::new()));
         }
-        let r = req.into_inner();
-        let context = context_ids(r.context);
-        let resp = self
+        let r = RankArgs::from(req.into_inner());
+        let mut resp = self
             .blocking(deadline, move |e, ctx| {
-                e.rank_with(&r.user_id, &r.item_ids, &context, ctx)
+                e.rank_with(&r.user_id, &r.item_ids, &r.context_item_ids, ctx)
             })
             .await?;
-        let stages = resp.stages.clone();
-        Ok((items_to_pb(resp), stages))
+        let stages = std::mem::take(&mut resp.stages);
+        Ok((resp.into(), stages))
     }
 
     async fn retrieve_inner(
@@ -431,21 +352,20 @@ impl CascadeService {
                 Vec::new(),
             ));
         }
-        let r = req.into_inner();
-        let context = context_ids(r.context);
-        let resp = self
+        let r = RetrieveArgs::from(req.into_inner());
+        let mut resp = self
             .blocking(deadline, move |e, _| {
                 e.retrieve_with(
                     &r.user_id,
-                    r.num_candidates as usize,
-                    r.min_candidates as usize,
+                    r.num_candidates,
+                    r.min_candidates,
                     &r.exclude_item_ids,
-                    &context,
+                    &r.context_item_ids,
                 )
             })
             .await?;
-        let stages = resp.stages.clone();
-        Ok((items_to_pb(resp), stages))
+        let stages = std::mem::take(&mut resp.stages);
+        Ok((resp.into(), stages))
     }
 
     async fn record_events_inner(
@@ -461,17 +381,7 @@ impl CascadeService {
                 Vec::new(),
             ));
         }
-        let events: Vec<cascade_core::Event> = req
-            .into_inner()
-            .events
-            .into_iter()
-            .map(|e| cascade_core::Event {
-                user_id: e.user_id,
-                item_id: e.item_id,
-                kind: e.kind,
-                timestamp: e.timestamp,
-            })
-            .collect();
+        let events = convert::events(req.into_inner());
         // Blocking pool: the log append waits for the disk.
         let accepted = self
             .blocking(deadline, move |e, _| e.record_events(&events))
@@ -537,16 +447,7 @@ impl CascadeService {
             };
             m.reloads.with_label_values(&[result]).inc();
         }
-        let r = r?;
-        Ok((
-            pb::ReloadModelResponse {
-                model_version: r.model_version,
-                previous_version: r.previous_version,
-                swapped: r.swapped,
-                load_ms: r.load_time.as_millis() as u64,
-            },
-            Vec::new(),
-        ))
+        Ok((r?.into(), Vec::new()))
     }
 }
 

@@ -77,7 +77,7 @@ pub struct ServerMetrics {
     pub build_info: IntGaugeVec,
     /// Requests whose message did not decode: refused by the codec before
     /// any handler, so absent from the `grpc_server_*` series. Brought up
-    /// to date from [`crate::codec::decode_failures`] at each scrape.
+    /// to date from [`cascade_proto::codec::decode_failures`] at each scrape.
     pub decode_failures: IntCounter,
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use cascade_server::pb::{
+use cascade_proto::pb::{
     Context, Event, PredictRequest, RankRequest, RecordEventsRequest, RetrieveRequest,
 };
 use cascade_server::{Backend, Role};

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use candle_core::Device;
 use cascade_core::{BatchConfig, Engine, EngineConfig, EngineHandle, EventStore};
-use cascade_retrieval::IndexParams;
-use cascade_server::pb::cascade_client::CascadeClient;
-use cascade_server::pb::{
+use cascade_proto::pb::cascade_client::CascadeClient;
+use cascade_proto::pb::{
     Context, GetModelInfoRequest, PredictRequest, RankRequest, ReloadModelRequest, RetrieveRequest,
 };
+use cascade_retrieval::IndexParams;
 use cascade_server::{Backend, Role};
 use cascade_train::pipeline;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -39,7 +39,7 @@ async fn grpc_round_trip() {
     assert!(!resp.cold_start);
     assert_eq!(
         resp.personalized_by,
-        cascade_server::pb::PersonalizedBy::History as i32
+        cascade_proto::pb::PersonalizedBy::History as i32
     );
     assert!(resp.items.windows(2).all(|w| w[0].score >= w[1].score));
     assert!(resp
@@ -56,7 +56,7 @@ async fn grpc_round_trip() {
     assert!(cold.cold_start);
     assert_eq!(
         cold.personalized_by,
-        cascade_server::pb::PersonalizedBy::Popularity as i32
+        cascade_proto::pb::PersonalizedBy::Popularity as i32
     );
     assert!(cold.items.iter().all(|it| it.retrieval_score.is_none()));
 
@@ -211,18 +211,18 @@ async fn grpc_round_trip() {
     expired
         .metadata_mut()
         .insert("grpc-timeout", "1u".parse().unwrap());
-    let e = cascade_server::pb::cascade_server::Cascade::predict(&svc, expired)
+    let e = cascade_proto::pb::cascade_server::Cascade::predict(&svc, expired)
         .await
         .expect_err("expired");
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
     let held = svc.limiter().try_acquire_owned().unwrap();
     let req = || tonic::Request::new(predict_req("u3", 3));
-    let e = cascade_server::pb::cascade_server::Cascade::predict(&svc, req())
+    let e = cascade_proto::pb::cascade_server::Cascade::predict(&svc, req())
         .await
         .expect_err("overloaded");
     assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     drop(held);
-    cascade_server::pb::cascade_server::Cascade::predict(&svc, req())
+    cascade_proto::pb::cascade_server::Cascade::predict(&svc, req())
         .await
         .unwrap();
 
@@ -414,7 +414,7 @@ async fn split_roles_return_what_all_returns() {
     for req in cases {
         let want = a.predict(req.clone()).await.unwrap().into_inner();
         let got = g.predict(req.clone()).await.unwrap().into_inner();
-        let ids = |r: &cascade_server::pb::PredictResponse| -> Vec<String> {
+        let ids = |r: &cascade_proto::pb::PredictResponse| -> Vec<String> {
             r.items.iter().map(|it| it.item_id.clone()).collect()
         };
         assert_eq!(ids(&got), ids(&want), "{req:?}");
@@ -459,7 +459,7 @@ async fn split_roles_return_what_all_returns() {
     expired
         .metadata_mut()
         .insert("grpc-timeout", "1u".parse().unwrap());
-    let e = cascade_server::pb::cascade_server::Cascade::predict(&svc, expired)
+    let e = cascade_proto::pb::cascade_server::Cascade::predict(&svc, expired)
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded);

@@ -2,7 +2,7 @@
 //! each is refused with INVALID_ARGUMENT naming what is wrong, and the
 //! server goes on answering.
 
-use cascade_server::pb::{Event, RecordEventsRequest, RetrieveRequest};
+use cascade_proto::pb::{Event, RecordEventsRequest, RetrieveRequest};
 use cascade_server::{Backend, Role};
 use tonic::Code;
 
@@ -167,7 +167,7 @@ async fn undecodable_requests_are_the_clients_error_and_are_counted() {
     let root = tempfile::tempdir().unwrap();
     let server = start(Backend::Local(handle(&trained(root.path()))), Role::All, 64).await;
     let mut raw = RawClient::connect(&server.url).await;
-    let before = cascade_server::codec::decode_failures();
+    let before = cascade_proto::codec::decode_failures();
     let bad: [&[u8]; 3] = [
         &[0x0a, 0x02, 0xff, 0xfe], // user_id: two bytes that are not UTF-8
         &[0x0a, 0x64, 0x61],       // user_id: claims 100 bytes, has 1
@@ -179,7 +179,7 @@ async fn undecodable_requests_are_the_clients_error_and_are_counted() {
             refused(r, Code::InvalidArgument, "does not decode");
         }
     }
-    assert!(cascade_server::codec::decode_failures() >= before + 12);
+    assert!(cascade_proto::codec::decode_failures() >= before + 12);
     // Well-formed bytes still work on the same connection.
     let ok = server.client().await.predict(predict_req("u1", 2)).await;
     assert_eq!(ok.unwrap().into_inner().items.len(), 2);

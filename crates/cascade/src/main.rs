@@ -913,7 +913,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     // Gauges sampled when Prometheus scrapes rather than on every request.
     let before_scrape = std::sync::Arc::new(move || {
         let Some(m) = &server_metrics else { return };
-        let refused = cascade_server::codec::decode_failures();
+        let refused = cascade_proto::codec::decode_failures();
         m.decode_failures
             .inc_by(refused.saturating_sub(m.decode_failures.get()));
         let Some(h) = &scrape_local else { return };

@@ -13,8 +13,9 @@ use opentelemetry::Context;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::deadline::{deadline_exceeded, MIN_BUDGET};
 use crate::telemetry::Telemetry;
-use crate::{deadline_exceeded, to_status, ServerError, MAX_MESSAGE_BYTES, MIN_BUDGET};
+use crate::{to_status, ServerError, MAX_MESSAGE_BYTES};
 use cascade_proto::pb;
 use cascade_proto::pb::cascade_client::CascadeClient;
 

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cascade_server::discovery::{watch_service, STAGE_PORT_NAME};
-use cascade_server::{Backend, Role};
+use cascade_server::{Admission, Backend, Role};
 use http::{Request, Response};
 use kube::client::Body;
 use serde_json::{json, Value};
@@ -172,7 +172,12 @@ async fn two_pod_listeners() -> (u16, tokio::net::TcpListener, tokio::net::TcpLi
 async fn gateway_balances_predict_over_the_ready_ranker_pods() {
     let root = tempfile::tempdir().unwrap();
     let dir = trained(root.path());
-    let retrieval = start(Backend::Local(handle(&dir)), Role::Retrieval, 64).await;
+    let retrieval = start(
+        Backend::Local(handle(&dir)),
+        Role::Retrieval,
+        Admission::new(64),
+    )
+    .await;
     let (port, la, lb) = two_pod_listeners().await;
     let ranker = |listener| {
         let registry = prometheus::Registry::new();
@@ -182,7 +187,7 @@ async fn gateway_balances_predict_over_the_ready_ranker_pods() {
             listener,
             Backend::Local(handle(&dir)),
             Role::Ranker,
-            64,
+            Admission::new(64),
             tel,
         );
         (r, m)
@@ -208,7 +213,7 @@ async fn gateway_balances_predict_over_the_ready_ranker_pods() {
         .unwrap()
         .connect_lazy();
     let gw = cascade_server::Gateway::from_channels(retrieval_channel, ranker_channel);
-    let gateway = start(gw.into(), Role::Gateway, 64).await;
+    let gateway = start(gw.into(), Role::Gateway, Admission::new(64)).await;
     let g = gateway.client().await;
     let a = || SocketAddr::from(([127, 0, 0, 2], port));
     let b = || SocketAddr::from(([127, 0, 0, 3], port));

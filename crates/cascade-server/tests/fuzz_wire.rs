@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use cascade_proto::pb::{
     Context, Event, PredictRequest, RankRequest, RecordEventsRequest, RetrieveRequest,
 };
-use cascade_server::{Backend, Role};
+use cascade_server::{Admission, Backend, Role};
 use prost::Message;
 
 mod support;
@@ -126,7 +126,7 @@ async fn mutated_requests_never_fault_the_server() {
     let server = start(
         Backend::Local(handle(&trained(root.path()))),
         Role::All,
-        512,
+        Admission::new(512),
     )
     .await;
     let seeds = seeds();

@@ -12,7 +12,7 @@ use cascade_proto::pb::{
     Context, GetModelInfoRequest, PredictRequest, RankRequest, ReloadModelRequest, RetrieveRequest,
 };
 use cascade_retrieval::IndexParams;
-use cascade_server::{Backend, Role};
+use cascade_server::{Admission, Backend, Role};
 use cascade_train::pipeline;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -26,7 +26,7 @@ async fn grpc_round_trip() {
     let root = tempfile::tempdir().unwrap();
     let h = handle(&trained(root.path()));
     let version = h.current().model_version().to_string();
-    let server = start(Backend::Local(h.clone()), Role::All, 64).await;
+    let server = start(Backend::Local(h.clone()), Role::All, Admission::new(64)).await;
     let url = server.url.clone();
     let mut client = server.client().await;
     let resp = client
@@ -204,9 +204,9 @@ async fn grpc_round_trip() {
         3
     );
 
-    // Overload: with every in-flight permit taken, requests are refused at once.
-    let svc = cascade_server::CascadeService::new(Backend::Local(h), Role::All, "cpu".into(), 1);
     // The handler's deadline check, without the transport in between.
+    let svc =
+        cascade_server::CascadeService::new(Backend::Local(h.clone()), Role::All, "cpu".into());
     let mut expired = tonic::Request::new(predict_req("u3", 3));
     expired
         .metadata_mut()
@@ -215,16 +215,38 @@ async fn grpc_round_trip() {
         .await
         .expect_err("expired");
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
-    let held = svc.limiter().try_acquire_owned().unwrap();
-    let req = || tonic::Request::new(predict_req("u3", 3));
-    let e = cascade_proto::pb::cascade_server::Cascade::predict(&svc, req())
+
+    // Overload, over the wire: with every in-flight permit taken, request
+    // RPCs are refused at once by the admission layer; operator RPCs pass.
+    let admission = Admission::new(1);
+    let small = start(Backend::Local(h), Role::All, admission.clone()).await;
+    let mut c = small.client().await;
+    let held = admission.limiter().try_acquire_owned().unwrap();
+    let e = c
+        .predict(predict_req("u3", 3))
         .await
         .expect_err("overloaded");
     assert_eq!(e.code(), tonic::Code::ResourceExhausted);
-    drop(held);
-    cascade_proto::pb::cascade_server::Cascade::predict(&svc, req())
+    assert!(e.message().contains("in flight"), "{}", e.message());
+    c.get_model_info(cascade_proto::pb::GetModelInfoRequest {})
         .await
         .unwrap();
+    drop(held);
+    assert_eq!(
+        c.predict(predict_req("u3", 3))
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+            .len(),
+        3
+    );
+    assert_eq!(
+        admission.in_flight(),
+        0,
+        "the permit is returned with the answer"
+    );
+    small.shut().await;
 
     server.shut().await;
 }
@@ -289,7 +311,7 @@ async fn reload_under_load_fails_no_request() {
     let (second, m2) = pipeline::reindex(&first, root.path(), params).unwrap();
     let v2 = m2.model_version.clone();
     assert_ne!(v1, v2);
-    let server = start(Backend::Local(h.clone()), Role::All, 256).await;
+    let server = start(Backend::Local(h.clone()), Role::All, Admission::new(256)).await;
     let mut client = server.client().await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -364,11 +386,21 @@ async fn reload_under_load_fails_no_request() {
 async fn split_roles_return_what_all_returns() {
     let root = tempfile::tempdir().unwrap();
     let dir = trained(root.path());
-    let all = start(Backend::Local(handle(&dir)), Role::All, 64).await;
-    let retrieval = start(Backend::Local(handle(&dir)), Role::Retrieval, 64).await;
-    let ranker = start(Backend::Local(handle(&dir)), Role::Ranker, 64).await;
+    let all = start(Backend::Local(handle(&dir)), Role::All, Admission::new(64)).await;
+    let retrieval = start(
+        Backend::Local(handle(&dir)),
+        Role::Retrieval,
+        Admission::new(64),
+    )
+    .await;
+    let ranker = start(
+        Backend::Local(handle(&dir)),
+        Role::Ranker,
+        Admission::new(64),
+    )
+    .await;
     let gw = cascade_server::Gateway::new(&retrieval.url, &ranker.url).unwrap();
-    let gateway = start(gw.into(), Role::Gateway, 64).await;
+    let gateway = start(gw.into(), Role::Gateway, Admission::new(64)).await;
     let mut a = all.client().await;
     let mut g = gateway.client().await;
 
@@ -453,7 +485,6 @@ async fn split_roles_return_what_all_returns() {
             .into(),
         Role::Gateway,
         "remote".into(),
-        8,
     );
     let mut expired = tonic::Request::new(predict_req("u3", 3));
     expired
@@ -514,7 +545,7 @@ async fn shutdown_drains_requests_in_flight() {
     )
     .unwrap();
     let h = Arc::new(EngineHandle::from_engine(engine, &Device::Cpu, cfg));
-    let server = start(Backend::Local(h), Role::All, 256).await;
+    let server = start(Backend::Local(h), Role::All, Admission::new(256)).await;
     let mut calls = Vec::new();
     for u in 0..3 {
         let mut c = server.client().await;
@@ -555,7 +586,7 @@ async fn events_survive_a_server_restart_and_oversized_requests_are_refused() {
     };
     let (h, replayed) = serving(&log);
     assert_eq!(replayed, 0);
-    let server = start(Backend::Local(h), Role::All, 64).await;
+    let server = start(Backend::Local(h), Role::All, Admission::new(64)).await;
     let mut c = server.client().await;
     let top = c
         .predict(predict_req("u9", 5))
@@ -581,7 +612,7 @@ async fn events_survive_a_server_restart_and_oversized_requests_are_refused() {
     // A new process on the same log: the event is replayed and still applies.
     let (h, replayed) = serving(&log);
     assert_eq!(replayed, 1);
-    let server = start(Backend::Local(h), Role::All, 64).await;
+    let server = start(Backend::Local(h), Role::All, Admission::new(64)).await;
     let mut c = server.client().await;
     let after = c.predict(predict_req("u9", 5)).await.unwrap().into_inner();
     assert!(after.items.iter().all(|it| it.item_id != top));
@@ -763,14 +794,14 @@ async fn one_trace_spans_gateway_retrieval_and_ranker() {
     let retrieval = start_observed(
         Backend::Local(handle(&dir)),
         Role::Retrieval,
-        64,
+        Admission::new(64),
         Telemetry::new(None, Some(&p_retrieval)),
     )
     .await;
     let ranker = start_observed(
         Backend::Local(handle(&dir)),
         Role::Ranker,
-        64,
+        Admission::new(64),
         Telemetry::new(None, Some(&p_ranker)),
     )
     .await;
@@ -778,7 +809,7 @@ async fn one_trace_spans_gateway_retrieval_and_ranker() {
     let gateway = start_observed(
         gw.into(),
         Role::Gateway,
-        64,
+        Admission::new(64),
         Telemetry::new(Some(gw_metrics.clone()), Some(&p_gateway)),
     )
     .await;
@@ -922,7 +953,7 @@ async fn timings_spans_and_histograms_agree() {
     let server = start_observed(
         Backend::Local(handle(&dir)),
         Role::All,
-        64,
+        Admission::new(64),
         cascade_server::Telemetry::new(Some(metrics.clone()), Some(&provider)),
     )
     .await;

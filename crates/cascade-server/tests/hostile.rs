@@ -3,7 +3,7 @@
 //! server goes on answering.
 
 use cascade_proto::pb::{Event, RecordEventsRequest, RetrieveRequest};
-use cascade_server::{Backend, Role};
+use cascade_server::{Admission, Backend, Role};
 use tonic::Code;
 
 mod support;
@@ -25,7 +25,12 @@ fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, names: &s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_grpc_timeouts_are_refused_not_panicked_on() {
     let root = tempfile::tempdir().unwrap();
-    let server = start(Backend::Local(handle(&trained(root.path()))), Role::All, 64).await;
+    let server = start(
+        Backend::Local(handle(&trained(root.path()))),
+        Role::All,
+        Admission::new(64),
+    )
+    .await;
     let mut client = server.client().await;
     // u64::MAX seconds once overflowed `Instant + Duration` on the request path.
     for header in ["18446744073709551615S", "123456789m", "10", "5x", "-1S"] {
@@ -57,7 +62,12 @@ async fn malformed_grpc_timeouts_are_refused_not_panicked_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_out_of_range_fields_name_their_field() {
     let root = tempfile::tempdir().unwrap();
-    let server = start(Backend::Local(handle(&trained(root.path()))), Role::All, 64).await;
+    let server = start(
+        Backend::Local(handle(&trained(root.path()))),
+        Role::All,
+        Admission::new(64),
+    )
+    .await;
     let mut client = server.client().await;
     let long = "x".repeat(257);
     refused(
@@ -144,7 +154,7 @@ async fn silent_connections_cannot_hold_the_drain_past_its_bound() {
         listener,
         Backend::Local(handle(&trained(root.path()))),
         Role::All,
-        64,
+        Admission::new(64),
         Default::default(),
         connections,
     );
@@ -165,7 +175,15 @@ async fn silent_connections_cannot_hold_the_drain_past_its_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_requests_are_the_clients_error_and_are_counted() {
     let root = tempfile::tempdir().unwrap();
-    let server = start(Backend::Local(handle(&trained(root.path()))), Role::All, 64).await;
+    let registry = prometheus::Registry::new();
+    let metrics = cascade_server::ServerMetrics::register(&registry).unwrap();
+    let server = start_observed(
+        Backend::Local(handle(&trained(root.path()))),
+        Role::All,
+        Admission::new(64),
+        cascade_server::Telemetry::new(Some(metrics.clone()), None),
+    )
+    .await;
     let mut raw = RawClient::connect(&server.url).await;
     let before = cascade_proto::codec::decode_failures();
     let bad: [&[u8]; 3] = [
@@ -180,6 +198,14 @@ async fn undecodable_requests_are_the_clients_error_and_are_counted() {
         }
     }
     assert!(cascade_proto::codec::decode_failures() >= before + 12);
+    // The observation layer sees them too: each RPC's InvalidArgument count.
+    for rpc in ["Predict", "Rank", "Retrieve", "RecordEvents"] {
+        let n = metrics
+            .handled
+            .with_label_values(&["unary", "cascade.v1.Cascade", rpc, "InvalidArgument"])
+            .get();
+        assert_eq!(n, 3, "{rpc}");
+    }
     // Well-formed bytes still work on the same connection.
     let ok = server.client().await.predict(predict_req("u1", 2)).await;
     assert_eq!(ok.unwrap().into_inner().items.len(), 2);

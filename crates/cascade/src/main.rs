@@ -899,7 +899,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
     let opts = ServeOptions {
         role: a.role,
         device,
-        max_in_flight: a.max_in_flight,
+        admission: cascade_server::Admission::new(a.max_in_flight),
         workers: a.workers.unwrap_or_else(cascade_server::default_workers),
         telemetry,
         connections,

@@ -11,7 +11,7 @@ use cascade_data::synthetic::planted;
 use cascade_proto::pb::cascade_client::CascadeClient;
 use cascade_proto::pb::{Event, PredictRequest, RecordEventsRequest};
 use cascade_retrieval::IndexParams;
-use cascade_server::{Backend, Role, ServeOptions};
+use cascade_server::{Admission, Backend, Role, ServeOptions};
 use cascade_train::pipeline;
 use cascade_train::train::TrainConfig;
 
@@ -79,34 +79,34 @@ pub struct Running {
     task: tokio::task::JoinHandle<Result<(), cascade_server::ServerError>>,
 }
 
-pub async fn start(backend: Backend, role: Role, max_in_flight: usize) -> Running {
-    start_observed(backend, role, max_in_flight, Default::default()).await
+pub async fn start(backend: Backend, role: Role, admission: Admission) -> Running {
+    start_observed(backend, role, admission, Default::default()).await
 }
 
 pub async fn start_observed(
     backend: Backend,
     role: Role,
-    max_in_flight: usize,
+    admission: Admission,
     telemetry: cascade_server::Telemetry,
 ) -> Running {
     let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    start_on(listener, backend, role, max_in_flight, telemetry)
+    start_on(listener, backend, role, admission, telemetry)
 }
 
 pub fn start_on(
     listener: tokio::net::TcpListener,
     backend: Backend,
     role: Role,
-    max_in_flight: usize,
+    admission: Admission,
     telemetry: cascade_server::Telemetry,
 ) -> Running {
     start_with(
         listener,
         backend,
         role,
-        max_in_flight,
+        admission,
         telemetry,
         Default::default(),
     )
@@ -116,7 +116,7 @@ pub fn start_with(
     listener: tokio::net::TcpListener,
     backend: Backend,
     role: Role,
-    max_in_flight: usize,
+    admission: Admission,
     telemetry: cascade_server::Telemetry,
     connections: cascade_server::Connections,
 ) -> Running {
@@ -125,7 +125,7 @@ pub fn start_with(
     let opts = ServeOptions {
         role,
         device: "cpu".into(),
-        max_in_flight,
+        admission,
         workers: cascade_server::default_workers(),
         telemetry,
         connections,

@@ -1,0 +1,161 @@
+//! Serving on a listener: the service stack (observation → admission →
+//! handlers), health, reflection, connection bounds and the drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cascade_proto::pb;
+use cascade_proto::pb::cascade_server::CascadeServer;
+use tokio::net::TcpListener;
+use tower::Layer;
+
+use crate::service::{Backend, CascadeService};
+use crate::telemetry::ObserveLayer;
+use crate::{Admission, Role, ServerError, Telemetry, MAX_MESSAGE_BYTES};
+
+/// How to serve.
+pub struct ServeOptions {
+    pub role: Role,
+    /// Reported by GetModelInfo ("cpu", "cuda:0", or "remote" for a gateway).
+    pub device: String,
+    /// The in-flight limit (share one to observe or saturate it from outside).
+    pub admission: Admission,
+    /// Requests doing model work on blocking threads at once (see [`crate::default_workers`]).
+    pub workers: usize,
+    /// Traces and metrics (default: both off).
+    pub telemetry: Telemetry,
+    /// Connection keepalive, age and drain bounds.
+    pub connections: Connections,
+}
+
+/// What bounds a connection's life. tonic 0.14 has no idle or header-read
+/// timeout per connection: keepalive finds dead peers, the age bound ends
+/// live but idle (or trickling) ones, and the drain bound ends the rest at
+/// shutdown.
+#[derive(Debug, Clone, Copy)]
+pub struct Connections {
+    /// HTTP/2 PING every this long on a quiet connection…
+    pub keepalive_interval: Duration,
+    /// …and the connection is closed if the PING is not answered in this.
+    pub keepalive_timeout: Duration,
+    /// Close a connection (GOAWAY, then `max_age_grace` for its requests)
+    /// after this long; `None` keeps it open while it is alive. Clients
+    /// reconnect, which also rebalances them across replicas behind an L4
+    /// load balancer.
+    pub max_age: Option<Duration>,
+    pub max_age_grace: Duration,
+    /// After shutdown starts, wait at most this long for requests in flight;
+    /// then the remaining connections are cut and `serve` returns.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            max_age: Some(Duration::from_secs(1800)),
+            max_age_grace: Duration::from_secs(30),
+            // Below the chart's 45 s grace period minus its 5 s preStop.
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serve on `listener` until `shutdown` resolves; then readiness turns
+/// NOT_SERVING and in-flight requests drain before this returns.
+pub async fn serve(
+    backend: Backend,
+    opts: ServeOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<CascadeServer<CascadeService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let admission = opts.admission;
+    let observe = ObserveLayer(
+        opts.telemetry
+            .clone()
+            .with_role(opts.role.as_str(), &opts.device),
+    );
+    let svc = CascadeService::new(backend, opts.role, opts.device)
+        .with_workers(opts.workers)
+        .with_telemetry(opts.telemetry.clone());
+    if let Some(m) = &opts.telemetry.metrics {
+        m.in_flight_limit.set(admission.limit() as i64);
+    }
+    let grpc = CascadeServer::new(svc)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Observe outermost, so refused requests are counted and traced too.
+    let service = observe.layer(admission.layer(grpc));
+    let c = opts.connections;
+    let drain_reporter = reporter.clone();
+    let started = Arc::new(tokio::sync::Notify::new());
+    let start_drain = started.clone();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: readiness NOT_SERVING, draining in-flight requests");
+        drain_reporter
+            .set_not_serving::<CascadeServer<CascadeService>>()
+            .await;
+        start_drain.notify_one();
+    };
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(c.keepalive_interval))
+        .http2_keepalive_timeout(Some(c.keepalive_timeout))
+        .tcp_keepalive(Some(c.keepalive_interval));
+    if let Some(age) = c.max_age {
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(c.max_age_grace);
+    }
+    let server = builder
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        // Small responses must leave at once: without TCP_NODELAY, Nagle's
+        // algorithm and the peer's delayed ACK add up to 40 ms to a reply.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        );
+    // A graceful shutdown waits for every connection to close, and a silent
+    // peer (or one that never answers the GOAWAY) would keep it waiting
+    // forever: past the drain bound, stop waiting and cut what is left.
+    let bound = async {
+        started.notified().await;
+        tokio::time::sleep(c.drain_timeout).await;
+    };
+    tokio::select! {
+        done = server => done?,
+        _ = bound => {
+            let busy = admission.in_flight();
+            tracing::warn!(
+                "drain timeout ({:.0} s) passed: cutting the remaining connections ({busy} requests still in flight)",
+                c.drain_timeout.as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Bind `addr` (port 0 picks a free port).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}

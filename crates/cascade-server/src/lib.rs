@@ -9,7 +9,7 @@
 //! in-flight limit, a tower layer), [`telemetry`] (observation, a tower
 //! layer; metrics; OTLP; the scrape endpoint), [`deadline`] (`grpc-timeout`),
 //! [`serve`] (the stack on a listener, health, reflection, connection bounds,
-//! drain), [`gateway`] and [`discovery`] (the split roles).
+//! drain), [`run`] (`cascade serve`'s wiring from a [`ServeConfig`]), [`gateway`] and [`discovery`] (the split roles).
 //!
 //! Model work runs on Tokio's blocking pool and the ranking threads, never on
 //! the async workers; every engine error maps to a gRPC status in one place
@@ -19,6 +19,7 @@ pub mod admission;
 pub mod deadline;
 pub mod discovery;
 mod gateway;
+pub mod run;
 pub mod serve;
 pub mod service;
 pub mod telemetry;
@@ -26,6 +27,7 @@ pub mod telemetry;
 pub use admission::Admission;
 pub use deadline::grpc_timeout;
 pub use gateway::{stage_endpoint, Gateway};
+pub use run::{run, Discovery, ModelConfig, ServeConfig, StagesConfig};
 pub use serve::{bind, serve, Connections, ServeOptions};
 pub use service::{default_workers, Backend, CascadeService};
 pub use telemetry::{ServerMetrics, Telemetry, TraceConfig};
@@ -56,6 +58,19 @@ pub enum ServerError {
     Endpoint { url: String, msg: String },
     #[error("pod discovery: {0}")]
     Discovery(String),
+    #[error("loading a model from {}: {source}", artifact.display())]
+    Load {
+        artifact: std::path::PathBuf,
+        source: EngineError,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Which stages this process runs.

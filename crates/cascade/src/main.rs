@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use cascade_artifact::Artifact;
-use cascade_core::{BatchConfig, EngineConfig, EngineHandle, EventStore};
+use cascade_core::{BatchConfig, EngineConfig};
 use cascade_data::fetch::{self, Source};
 use cascade_data::Dataset;
 use cascade_retrieval::IndexParams;
@@ -38,13 +38,6 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Discovery {
-    Auto,
-    Kube,
-    Dns,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -120,7 +113,7 @@ struct ServeArgs {
     /// EndpointSlices and balance over ready pods), dns (connect to the URL),
     /// or auto (kube inside a cluster, else dns).
     #[arg(long, env = "CASCADE_DISCOVERY", default_value = "auto")]
-    discovery: Discovery,
+    discovery: cascade_server::Discovery,
     /// Device for the models: cpu, cuda or cuda:N.
     #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
     device: String,
@@ -774,8 +767,8 @@ fn index_cmd(a: IndexArgs) -> Result<()> {
 }
 
 fn serve_cmd(a: ServeArgs) -> Result<()> {
-    use cascade_server::{Backend, Role, ServeOptions};
-    // Checked before anything slow (a model load can take minutes).
+    use cascade_server::{ModelConfig, Role, ServeConfig, StagesConfig};
+    // Flags are checked before anything slow (a model load can take minutes).
     let connections = Connections {
         keepalive_interval: secs("--keepalive-secs", a.keepalive_secs)?,
         keepalive_timeout: secs("--keepalive-timeout-secs", a.keepalive_timeout_secs)?,
@@ -787,178 +780,67 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         drain_timeout: secs("--drain-timeout-secs", a.drain_timeout_secs)?,
         ..Connections::default()
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    // The gateway's lazy channels and the trace exporter spawn their tasks
-    // on the runtime.
-    let _in_runtime = rt.enter();
-    let registry = prometheus::Registry::new();
-    let metrics_on = a.metrics_addr != "off";
-    let (engine_metrics, server_metrics) = if metrics_on {
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
-        (
-            cascade_core::EngineMetrics::register(&registry)?,
-            Some(cascade_server::ServerMetrics::register(&registry)?),
-        )
-    } else {
-        (cascade_core::EngineMetrics::default(), None)
+    let metrics_addr = match a.metrics_addr.as_str() {
+        "off" => None,
+        s => Some(
+            s.parse()
+                .with_context(|| format!("--metrics-addr {s:?}: expected host:port or off"))?,
+        ),
     };
     let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .unwrap_or_else(|_| a.otlp_protocol.clone());
-    let trace_cfg = cascade_server::TraceConfig {
+    let trace = cascade_server::TraceConfig {
         endpoint: a.otlp_endpoint.clone(),
         protocol: protocol.parse().map_err(anyhow::Error::msg)?,
         service_name: format!("cascade-{}", a.role.as_str()),
         sample_ratio: a.trace_sample_ratio,
         attributes: vec![("cascade.role".into(), a.role.as_str().into())],
     };
-    let provider = trace_cfg.provider()?;
-    if provider.is_some() {
-        tracing::info!("exporting traces over OTLP ({protocol})");
-    }
-    let telemetry = cascade_server::Telemetry::new(server_metrics.clone(), provider.as_ref());
-    let (backend, device) = if a.role == Role::Gateway {
-        let (Some(retrieval), Some(ranker)) = (&a.retrieval_endpoint, &a.ranker_endpoint) else {
-            anyhow::bail!("--role gateway needs --retrieval-endpoint and --ranker-endpoint");
-        };
-        let kube = match a.discovery {
-            Discovery::Kube => true,
-            Discovery::Dns => false,
-            Discovery::Auto => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
-        };
-        let g = if kube {
-            let g = rt.block_on(cascade_server::discovery::in_cluster_gateway(
-                retrieval, ranker,
-            ))?;
-            tracing::info!(
-                "gateway to the ready pods behind {retrieval} and {ranker} (EndpointSlice watch)"
-            );
-            g
-        } else {
-            let g = cascade_server::Gateway::new(retrieval, ranker)?;
-            tracing::info!("gateway to retrieval {retrieval} and ranker {ranker}");
-            g
-        };
-        (Backend::from(g), "remote".to_string())
-    } else {
-        if a.train_if_missing
-            && cascade_artifact::manifest::latest_version(&a.artifact).is_err()
-            && !a
-                .artifact
-                .join(cascade_artifact::manifest::MANIFEST)
-                .exists()
-        {
-            train_first(&a)?;
-        }
-        let dev = cascade_model::select_device(&a.device)?;
-        let device = cascade_model::device_name(&dev);
-        if let Some(parent) = a.event_log.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
-        }
-        let (events, replayed) = EventStore::open_with(
-            &a.event_log,
-            a.event_log_compact_mib.saturating_mul(1 << 20),
-        )?;
-        tracing::info!("replayed {replayed} events from {}", a.event_log.display());
-        let cfg = EngineConfig {
-            batch: BatchConfig {
-                max_rows: a.batch_max_rows.max(1),
-                max_delay: std::time::Duration::from_micros(a.batch_max_delay_us),
-                threads: a.rank_threads.max(1),
-                queue: a.rank_queue.max(1),
-            },
-            user_cache: a.user_cache,
-            metrics: engine_metrics,
-        };
-        let t0 = Instant::now();
-        let handle = std::sync::Arc::new(
-            EngineHandle::open(&a.artifact, &dev, cfg, std::sync::Arc::new(events))
-                .with_context(|| format!("loading a model from {}", a.artifact.display()))?,
-        );
-        let engine = handle.current();
-        tracing::info!(
-            "loaded and warmed {} from {} on {device} in {:.1}s",
-            engine.model_version(),
-            engine.dir().display(),
-            t0.elapsed().as_secs_f64()
-        );
-        if a.watch_secs > 0 {
-            handle.watch(std::time::Duration::from_secs(a.watch_secs))?;
-            tracing::info!(
-                "watching {} every {}s for new versions",
-                handle.root().display(),
-                a.watch_secs
-            );
-        }
-        (Backend::Local(handle), device)
+    let stages = match (&a.retrieval_endpoint, &a.ranker_endpoint) {
+        (Some(retrieval), Some(ranker)) => Some(StagesConfig {
+            retrieval: retrieval.clone(),
+            ranker: ranker.clone(),
+            discovery: a.discovery,
+        }),
+        _ => None,
     };
-    let opts = ServeOptions {
-        role: a.role,
-        device,
-        admission: cascade_server::Admission::new(a.max_in_flight),
-        workers: a.workers.unwrap_or_else(cascade_server::default_workers),
-        telemetry,
-        connections,
-    };
-    let local = match &backend {
-        Backend::Local(h) => Some(h.clone()),
-        Backend::Gateway(_) => None,
-    };
-    let scrape_local = local.clone();
-    let (role, device) = (a.role.as_str(), opts.device.clone());
-    // Gauges sampled when Prometheus scrapes rather than on every request.
-    let before_scrape = std::sync::Arc::new(move || {
-        let Some(m) = &server_metrics else { return };
-        let refused = cascade_proto::codec::decode_failures();
-        m.decode_failures
-            .inc_by(refused.saturating_sub(m.decode_failures.get()));
-        let Some(h) = &scrape_local else { return };
-        let engine = h.current();
-        m.rank_queue_depth.set(engine.rank_queue_depth() as i64);
-        m.model_info.reset();
-        m.model_info
-            .with_label_values(&[engine.model_version(), device.as_str(), role])
-            .set(1);
+    let model = (a.role != Role::Gateway).then(|| ModelConfig {
+        artifact: a.artifact.clone(),
+        device: a.device.clone(),
+        event_log: a.event_log.clone(),
+        event_log_compact_bytes: a.event_log_compact_mib.saturating_mul(1 << 20),
+        batch: BatchConfig {
+            max_rows: a.batch_max_rows.max(1),
+            max_delay: std::time::Duration::from_micros(a.batch_max_delay_us),
+            threads: a.rank_threads.max(1),
+            queue: a.rank_queue.max(1),
+        },
+        user_cache: a.user_cache,
+        watch: (a.watch_secs > 0).then(|| std::time::Duration::from_secs(a.watch_secs)),
     });
-    rt.block_on(async move {
-        if metrics_on {
-            let addr: std::net::SocketAddr = a
-                .metrics_addr
-                .parse()
-                .with_context(|| format!("--metrics-addr {:?}", a.metrics_addr))?;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding --metrics-addr {addr}"))?;
-            tracing::info!("metrics on http://{}/metrics", listener.local_addr()?);
-            // Runs until the process exits: scrapes keep working while draining.
-            tokio::spawn(cascade_server::telemetry::serve_metrics(
-                listener,
-                registry,
-                before_scrape,
-                std::future::pending(),
-            ));
-        }
-        let listener = cascade_server::bind(a.listen).await?;
-        tracing::info!(
-            "serving cascade.v1 (--role {}) on {}",
-            a.role.as_str(),
-            listener.local_addr()?
-        );
-        cascade_server::serve(backend, opts, listener, shutdown_signal()).await?;
-        if let Some(p) = provider {
-            // Flush the spans still queued before the runtime goes.
-            let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
-        }
-        Ok::<_, anyhow::Error>(())
-    })?;
-    if let Some(h) = local {
-        tracing::info!("ranking batches: {}", h.current().batch_stats().describe());
+    // Training is the binary's business: the server library never links it.
+    if model.is_some()
+        && a.train_if_missing
+        && cascade_artifact::manifest::latest_version(&a.artifact).is_err()
+        && !a
+            .artifact
+            .join(cascade_artifact::manifest::MANIFEST)
+            .exists()
+    {
+        train_first(&a)?;
     }
-    tracing::info!("drained; exiting");
+    let cfg = ServeConfig {
+        listen: a.listen,
+        role: a.role,
+        model,
+        stages,
+        max_in_flight: a.max_in_flight,
+        workers: a.workers.unwrap_or_else(cascade_server::default_workers),
+        connections,
+        metrics_addr,
+        trace,
+    };
+    cascade_server::run(cfg, shutdown_signal())?;
     Ok(())
 }
 

@@ -2,8 +2,11 @@
 //! needs nothing from the system package manager.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
-    // SAFETY: build scripts are single-threaded; prost-build reads PROTOC.
-    unsafe { std::env::set_var("PROTOC", protoc) };
+    let config = || {
+        let mut c = prost_build::Config::new();
+        c.protoc_executable(&protoc);
+        c
+    };
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let proto = ["../../proto/cascade/v1/cascade.proto"];
     // Messages and the server. Its codec answers a request that does not
@@ -12,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .codec_path("crate::codec::RequestCodec")
         .file_descriptor_set_path(out.join("cascade_descriptor.bin"))
-        .compile_protos(&proto, &["../../proto"])?;
+        .compile_with_config(config(), &proto, &["../../proto"])?;
     // The client (gateway, bench, tests) keeps prost's codec: a response that
     // does not decode is a fault on the serving side. Its messages are the
     // ones above.
@@ -22,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         .extern_path(".cascade.v1", "crate::pb")
         .out_dir(&client)
-        .compile_protos(&proto, &["../../proto"])?;
+        .compile_with_config(config(), &proto, &["../../proto"])?;
     println!("cargo:rerun-if-changed=../../proto/cascade/v1/cascade.proto");
     Ok(())
 }

@@ -194,9 +194,16 @@ impl Artifact {
                 "{FEATURES_FILE} / {SERVING_FILE} dimensions disagree with {MANIFEST}"
             )));
         }
+        // Read, not memory-mapped: mapping is `unsafe`, and every tensor is
+        // copied out of the file anyway.
         let load_vb = |name: &str| -> Result<VarBuilder<'static>, ArtifactError> {
-            // SAFETY: artifact files are immutable once sealed; they are mapped read-only.
-            Ok(unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join(name)], DType::F32, dev)? })
+            let path = dir.join(name);
+            let bytes = std::fs::read(&path).map_err(|e| ArtifactError::io(&path, e))?;
+            Ok(VarBuilder::from_buffered_safetensors(
+                bytes,
+                DType::F32,
+                dev,
+            )?)
         };
         let two_tower = TwoTower::new(load_vb(TWO_TOWER_FILE)?, &space.dims, &serving.two_tower)
             .map_err(|e| corrupt(format!("{TWO_TOWER_FILE}: {e}")))?;

@@ -11,6 +11,7 @@
 //! The catalogue is `cascade synth` output: `CASCADE_BENCH_ARTIFACT=<version dir>`
 //! uses an existing one (e.g. the 1M-item catalogue); otherwise 100,000 items
 //! are generated into a temporary directory first.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::hint::black_box;
 use std::path::PathBuf;

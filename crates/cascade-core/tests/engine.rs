@@ -1,6 +1,7 @@
 //! The in-process pipeline on a trained artifact with planted structure:
 //! seen and excluded items never come back, planted taste shows in the top-k,
 //! unknown users take the popularity path, bad requests name their field.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::collections::HashSet;
 

@@ -7,19 +7,16 @@
 //! file-size limit (`RLIMIT_FSIZE`, the short write then `EFBIG` that a full
 //! disk gives as a short write then `ENOSPC`). It is its own test binary
 //! because the limit and the ignored `SIGXFSZ` apply to the whole process.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use cascade_core::{Event, EventStore};
 
 fn set_file_size_limit(bytes: u64) {
-    let lim = libc::rlimit {
-        rlim_cur: bytes as libc::rlim_t,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: plain libc calls with valid arguments; this binary holds one test.
-    unsafe {
-        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
-    }
+    // With a handler installed, a write past the limit fails with EFBIG
+    // instead of SIGXFSZ ending the process: what a full disk looks like.
+    let hit = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGXFSZ, hit).unwrap();
+    rlimit::setrlimit(rlimit::Resource::FSIZE, bytes, rlimit::INFINITY).unwrap();
 }
 
 fn batch(n: usize, from: usize) -> Vec<Event> {

@@ -6,6 +6,7 @@
 //! ```
 //! `CASCADE_EVENTS` events (default 1,000,000) by `CASCADE_EVENT_USERS`
 //! users (default 100,000) over 1,682 items; results in docs/reliability.md.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::io::Write;
 use std::time::Instant;

@@ -1,6 +1,7 @@
 //! MovieLens conversion from both sources' layouts, on small archives built here
 //! (the real archives are exercised by `cascade fetch`; GroupLens is often
 //! unreachable from build hosts, so its converter is tested on its format).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::io::Write;
 use std::path::Path;

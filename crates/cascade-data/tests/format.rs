@@ -1,4 +1,5 @@
 //! Parsers on good and bad files: every bad row names its file and line.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::path::Path;
 

@@ -42,8 +42,11 @@ impl TextEncoder {
             ..Default::default()
         }));
         let weights = dir.join("model.safetensors");
-        // SAFETY: the file is memory-mapped read-only and not modified while the encoder lives.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device)? };
+        // Read, not memory-mapped: mapping is `unsafe` (another process could
+        // change the file under us) and saves nothing, every tensor is copied
+        // out of it anyway.
+        let bytes = std::fs::read(&weights).map_err(|e| ModelError::io(&weights, e))?;
+        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device)?;
         let model = BertModel::load(vb, &config)?;
         Ok(Self {
             model,

@@ -2,6 +2,7 @@
 //! sentence-transformers implementation (see the fixture's `produced_by`).
 //! Needs the model files: `cascade fetch minilm` (scripts/test.sh does it);
 //! `CASCADE_MINILM` points elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::path::PathBuf;
 

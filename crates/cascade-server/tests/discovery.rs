@@ -4,6 +4,7 @@
 //! balanced channel uses follows scale-out, a pod turning unready, and
 //! scale-in; then the same with real ranker servers behind a real gateway,
 //! counting which pod answered each Predict.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

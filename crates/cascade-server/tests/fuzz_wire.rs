@@ -8,6 +8,7 @@
 //! `CASCADE_FUZZ_REQUESTS` sets how many are sent (CI: the default 2,000; by
 //! hand: 200,000, see docs/reliability.md). `CASCADE_FUZZ_REPORT=path` writes
 //! the per-status counts as JSON.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,8 @@
 //! A real tonic server and client over TCP: Predict, validation errors as
-//! INVALID_ARGUMENT naming the field, GetModelInfo, health, graceful shutdown.
+//! INVALID_ARGUMENT naming the field, GetModelInfo, health, deadlines,
+//! overload, reloads under load, split roles, graceful shutdown, traces and
+//! metrics. Tests that only read the model share one artifact.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,12 +25,8 @@ mod support;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_round_trip() {
-    let root = tempfile::tempdir().unwrap();
-    let h = handle(&trained(root.path()));
-    let version = h.current().model_version().to_string();
-    let server = start(Backend::Local(h.clone()), Role::All, Admission::new(64)).await;
-    let url = server.url.clone();
+async fn known_users_get_history_answers_and_new_users_popularity() {
+    let server = start_shared(Admission::new(64)).await;
     let mut client = server.client().await;
     let resp = client
         .predict(predict_req("u3", 7))
@@ -35,7 +34,10 @@ async fn grpc_round_trip() {
         .unwrap()
         .into_inner();
     assert_eq!(resp.items.len(), 7);
-    assert_eq!(resp.model_version, version);
+    assert_eq!(
+        resp.model_version,
+        handle(shared_artifact()).current().model_version()
+    );
     assert!(!resp.cold_start);
     assert_eq!(
         resp.personalized_by,
@@ -59,7 +61,13 @@ async fn grpc_round_trip() {
         cascade_proto::pb::PersonalizedBy::Popularity as i32
     );
     assert!(cold.items.iter().all(|it| it.retrieval_score.is_none()));
+    server.shut().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_predict_requests_are_invalid_argument_naming_the_field() {
+    let server = start_shared(Admission::new(64)).await;
+    let mut client = server.client().await;
     for (req, field) in [
         (
             PredictRequest {
@@ -84,9 +92,19 @@ async fn grpc_round_trip() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().starts_with(field), "{}", e.message());
     }
+    server.shut().await;
+}
 
-    // Rank: input order; an unknown item is rejected naming the field.
-    let ids: Vec<String> = resp
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rank_keeps_input_order_and_refuses_unknown_items() {
+    let server = start_shared(Admission::new(64)).await;
+    let mut client = server.client().await;
+    let top = client
+        .predict(predict_req("u3", 7))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = top
         .items
         .iter()
         .rev()
@@ -123,7 +141,13 @@ async fn grpc_round_trip() {
         "{}",
         e.message()
     );
+    server.shut().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrieve_model_info_and_health_describe_the_served_model() {
+    let server = start_shared(Admission::new(64)).await;
+    let mut client = server.client().await;
     let retrieved = client
         .retrieve(RetrieveRequest {
             user_id: "u3".into(),
@@ -146,7 +170,7 @@ async fn grpc_round_trip() {
     );
     assert_eq!(info.device, "cpu");
 
-    let channel = tonic::transport::Channel::from_shared(url)
+    let channel = tonic::transport::Channel::from_shared(server.url.clone())
         .unwrap()
         .connect()
         .await
@@ -162,9 +186,19 @@ async fn grpc_round_trip() {
             .into_inner();
         assert_eq!(s.status, ServingStatus::Serving as i32, "{service:?}");
     }
+    server.shut().await;
+}
 
-    // RecordEvents: the next Predict excludes the item.
-    let first = resp.items[0].item_id.clone();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_event_is_excluded_from_the_next_predict() {
+    let server = start_shared(Admission::new(64)).await;
+    let mut client = server.client().await;
+    let before = client
+        .predict(predict_req("u3", 7))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = before.items[0].item_id.clone();
     let rec = client
         .record_events(viewed("u3", &first))
         .await
@@ -183,12 +217,17 @@ async fn grpc_round_trip() {
         .expect_err("unknown item");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().starts_with("events.item_id"), "{}", e.message());
+    server.shut().await;
+}
 
-    // Deadlines over the wire: an expired deadline fails. Whether the
-    // handler (DEADLINE_EXCEEDED) or tonic's transport timer (CANCELLED,
-    // "Timeout expired") answers first depends on when the request body
-    // arrives, so both are accepted here; the handler's own answer is checked
-    // deterministically below.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_deadlines_are_refused() {
+    let server = start_shared(Admission::new(64)).await;
+    let mut client = server.client().await;
+    // Over the wire: whether the handler (DEADLINE_EXCEEDED) or tonic's
+    // transport timer (CANCELLED, "Timeout expired") answers first depends
+    // on when the request body arrives, so both are accepted here; the
+    // handler's own answer is checked deterministically below.
     let mut late = tonic::Request::new(predict_req("u3", 3));
     late.set_timeout(std::time::Duration::from_micros(1));
     let e = client.predict(late).await.expect_err("expired");
@@ -205,8 +244,11 @@ async fn grpc_round_trip() {
     );
 
     // The handler's deadline check, without the transport in between.
-    let svc =
-        cascade_server::CascadeService::new(Backend::Local(h.clone()), Role::All, "cpu".into());
+    let svc = cascade_server::CascadeService::new(
+        Backend::Local(handle(shared_artifact())),
+        Role::All,
+        "cpu".into(),
+    );
     let mut expired = tonic::Request::new(predict_req("u3", 3));
     expired
         .metadata_mut()
@@ -215,12 +257,16 @@ async fn grpc_round_trip() {
         .await
         .expect_err("expired");
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded);
+    server.shut().await;
+}
 
-    // Overload, over the wire: with every in-flight permit taken, request
-    // RPCs are refused at once by the admission layer; operator RPCs pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_at_once_and_operator_rpcs_pass() {
+    // With every in-flight permit taken, request RPCs are refused at once by
+    // the admission layer; operator RPCs pass.
     let admission = Admission::new(1);
-    let small = start(Backend::Local(h), Role::All, admission.clone()).await;
-    let mut c = small.client().await;
+    let server = start_shared(admission.clone()).await;
+    let mut c = server.client().await;
     let held = admission.limiter().try_acquire_owned().unwrap();
     let e = c
         .predict(predict_req("u3", 3))
@@ -228,9 +274,7 @@ async fn grpc_round_trip() {
         .expect_err("overloaded");
     assert_eq!(e.code(), tonic::Code::ResourceExhausted);
     assert!(e.message().contains("in flight"), "{}", e.message());
-    c.get_model_info(cascade_proto::pb::GetModelInfoRequest {})
-        .await
-        .unwrap();
+    c.get_model_info(GetModelInfoRequest {}).await.unwrap();
     drop(held);
     assert_eq!(
         c.predict(predict_req("u3", 3))
@@ -246,8 +290,6 @@ async fn grpc_round_trip() {
         0,
         "the permit is returned with the answer"
     );
-    small.shut().await;
-
     server.shut().await;
 }
 
@@ -257,9 +299,9 @@ fn load(
     url: String,
     workers: usize,
     stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
 ) -> tokio::task::JoinHandle<(usize, Vec<String>, std::collections::BTreeSet<String>)> {
     tokio::spawn(async move {
-        let ok = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for w in 0..workers {
             let (url, stop, ok) = (url.clone(), stop.clone(), ok.clone());
@@ -315,8 +357,14 @@ async fn reload_under_load_fails_no_request() {
     let mut client = server.client().await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let traffic = load(server.url.clone(), 4, stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ok = Arc::new(AtomicUsize::new(0));
+    let traffic = load(server.url.clone(), 4, stop.clone(), ok.clone());
+    // Each swap happens under traffic: wait for some answers before it.
+    let answered = |n: usize| {
+        let ok = ok.clone();
+        move || ok.load(Ordering::Relaxed) >= n
+    };
+    until("traffic", Duration::from_secs(30), answered(10)).await;
     let dir_name = |p: &std::path::Path| p.file_name().unwrap().to_str().unwrap().to_string();
     for (target, want) in [(dir_name(&second), &v2), (dir_name(&first), &v1)] {
         let r = client
@@ -332,7 +380,13 @@ async fn reload_under_load_fails_no_request() {
             .unwrap()
             .into_inner();
         assert_eq!(&info.model_version, want);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let seen = ok.load(Ordering::Relaxed);
+        until(
+            "traffic after the swap",
+            Duration::from_secs(30),
+            answered(seen + 10),
+        )
+        .await;
     }
     // Reloading what is serving is a no-op; an unknown version is NOT_FOUND
     // and leaves the serving version alone.
@@ -384,8 +438,7 @@ async fn reload_under_load_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_roles_return_what_all_returns() {
-    let root = tempfile::tempdir().unwrap();
-    let dir = trained(root.path());
+    let dir = shared_artifact().to_path_buf();
     let all = start(Backend::Local(handle(&dir)), Role::All, Admission::new(64)).await;
     let retrieval = start(
         Backend::Local(handle(&dir)),
@@ -526,8 +579,7 @@ async fn split_roles_return_what_all_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_requests_in_flight() {
-    let root = tempfile::tempdir().unwrap();
-    let dir = trained(root.path());
+    let dir = shared_artifact().to_path_buf();
     // A long batching delay holds each Predict in the ranking queue, so
     // requests are surely in flight when shutdown starts.
     let cfg = EngineConfig {
@@ -545,7 +597,8 @@ async fn shutdown_drains_requests_in_flight() {
     )
     .unwrap();
     let h = Arc::new(EngineHandle::from_engine(engine, &Device::Cpu, cfg));
-    let server = start(Backend::Local(h), Role::All, Admission::new(256)).await;
+    let admission = Admission::new(256);
+    let server = start(Backend::Local(h), Role::All, admission.clone()).await;
     let mut calls = Vec::new();
     for u in 0..3 {
         let mut c = server.client().await;
@@ -553,7 +606,10 @@ async fn shutdown_drains_requests_in_flight() {
             c.predict(predict_req(&format!("u{u}"), 5)).await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    until("three requests in flight", Duration::from_secs(10), || {
+        admission.in_flight() == 3
+    })
+    .await;
     let url = server.url.clone();
     server.shut().await;
     for c in calls {
@@ -569,7 +625,7 @@ async fn shutdown_drains_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_survive_a_server_restart_and_oversized_requests_are_refused() {
     let root = tempfile::tempdir().unwrap();
-    let dir = trained(root.path());
+    let dir = shared_artifact().to_path_buf();
     let log = root.path().join("events.log");
     let serving = |log: &std::path::Path| {
         let (events, replayed) = EventStore::open(log).unwrap();
@@ -783,8 +839,7 @@ async fn one_trace_spans_gateway_retrieval_and_ranker() {
     use cascade_server::Telemetry;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-    let root = tempfile::tempdir().unwrap();
-    let dir = trained(root.path());
+    let dir = shared_artifact().to_path_buf();
     let (endpoint, sink) = otlp::grpc().await;
     let p_retrieval = tracer(&endpoint, Grpc, "cascade-retrieval");
     let p_ranker = tracer(&endpoint, Grpc, "cascade-ranker");
@@ -944,8 +999,7 @@ async fn one_trace_spans_gateway_retrieval_and_ranker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timings_spans_and_histograms_agree() {
     use cascade_server::telemetry::OtlpProtocol::HttpProtobuf;
-    let root = tempfile::tempdir().unwrap();
-    let dir = trained(root.path());
+    let dir = shared_artifact().to_path_buf();
     let (endpoint, sink) = otlp::http().await;
     let provider = tracer(&endpoint, HttpProtobuf, "cascade-all");
     let registry = prometheus::Registry::new();

@@ -1,6 +1,7 @@
 //! What a hostile or careless client sends, over the wire to a real server:
 //! each is refused with INVALID_ARGUMENT naming what is wrong, and the
 //! server goes on answering.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use cascade_proto::pb::{Event, RecordEventsRequest, RetrieveRequest};
 use cascade_server::{Admission, Backend, Role};
@@ -24,9 +25,8 @@ fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, names: &s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_grpc_timeouts_are_refused_not_panicked_on() {
-    let root = tempfile::tempdir().unwrap();
     let server = start(
-        Backend::Local(handle(&trained(root.path()))),
+        Backend::Local(handle(shared_artifact())),
         Role::All,
         Admission::new(64),
     )
@@ -61,9 +61,8 @@ async fn malformed_grpc_timeouts_are_refused_not_panicked_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_out_of_range_fields_name_their_field() {
-    let root = tempfile::tempdir().unwrap();
     let server = start(
-        Backend::Local(handle(&trained(root.path()))),
+        Backend::Local(handle(shared_artifact())),
         Role::All,
         Admission::new(64),
     )
@@ -141,7 +140,6 @@ async fn oversized_and_out_of_range_fields_name_their_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_cannot_hold_the_drain_past_its_bound() {
     use tokio::io::AsyncWriteExt;
-    let root = tempfile::tempdir().unwrap();
     let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -152,7 +150,7 @@ async fn silent_connections_cannot_hold_the_drain_past_its_bound() {
     };
     let server = start_with(
         listener,
-        Backend::Local(handle(&trained(root.path()))),
+        Backend::Local(handle(shared_artifact())),
         Role::All,
         Admission::new(64),
         Default::default(),
@@ -174,11 +172,10 @@ async fn silent_connections_cannot_hold_the_drain_past_its_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_requests_are_the_clients_error_and_are_counted() {
-    let root = tempfile::tempdir().unwrap();
     let registry = prometheus::Registry::new();
     let metrics = cascade_server::ServerMetrics::register(&registry).unwrap();
     let server = start_observed(
-        Backend::Local(handle(&trained(root.path()))),
+        Backend::Local(handle(shared_artifact())),
         Role::All,
         Admission::new(64),
         cascade_server::Telemetry::new(Some(metrics.clone()), None),

@@ -1,5 +1,6 @@
 //! Training learns planted structure, is deterministic, and its artifact
 //! round-trips and refuses corruption.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use candle_core::Device;
 use cascade_artifact::Artifact;

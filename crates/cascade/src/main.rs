@@ -531,9 +531,14 @@ fn lane_threads() {
         return;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: called at the top of `main`, before any thread is started, so
-    // nothing can read the environment concurrently.
-    unsafe { std::env::set_var("RAYON_NUM_THREADS", (cores / 2).max(1).to_string()) };
+    // The project's one unsafe block. Candle sizes its CPU parallelism from
+    // this variable (read on every op), so there is no safe knob to turn
+    // instead. SAFETY: called at the top of `main`, before any thread is
+    // started, so nothing can read the environment concurrently.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("RAYON_NUM_THREADS", (cores / 2).max(1).to_string())
+    };
 }
 
 fn fetch_cmd(a: FetchArgs) -> Result<()> {

@@ -1,6 +1,7 @@
 //! The real binary end to end on a small planted dataset with the real MiniLM:
 //! train writes a verifiable artifact; bad input stops with file:line and
 //! leaves no artifact behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

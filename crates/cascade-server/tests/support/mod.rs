@@ -36,6 +36,39 @@ pub fn predict_req(user: &str, k: u32) -> PredictRequest {
     }
 }
 
+/// One artifact for the whole test binary, trained on first use, for tests
+/// that only read it (each still starts its own server). It lives in
+/// cargo's scratch directory for integration tests.
+pub fn shared_artifact() -> &'static std::path::Path {
+    static ARTIFACT: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> =
+        std::sync::OnceLock::new();
+    let (_, dir) = ARTIFACT.get_or_init(|| {
+        let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let dir = trained(root.path());
+        (root, dir)
+    });
+    dir
+}
+
+/// A server on the shared artifact (its own engine and in-memory events).
+pub async fn start_shared(admission: Admission) -> Running {
+    start(
+        Backend::Local(handle(shared_artifact())),
+        Role::All,
+        admission,
+    )
+    .await
+}
+
+/// Poll `cond` every 10 ms until it holds; fail after `limit`.
+pub async fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Train a small artifact with planted structure under `root`.
 pub fn trained(root: &std::path::Path) -> std::path::PathBuf {
     let ds = planted(80, 120, 4, 20, 4);

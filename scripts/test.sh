@@ -8,8 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=${CARGO_JOBS:-2}
 cargo build -q -p cascade -j "$jobs"
-./target/debug/cascade fetch minilm --out data/minilm
+# The binary cargo just built (CARGO_TARGET_DIR moves it).
+export CASCADE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/cascade"
+"$CASCADE_BIN" fetch minilm --out data/minilm
 CASCADE_MINILM="$PWD/data/minilm" cargo test --workspace -j "$jobs" "$@"
 python3 -m pip install -q -r scripts/requirements-deploy.txt
-python3 scripts/check-chart.py target/debug/cascade
+python3 scripts/check-chart.py "$CASCADE_BIN"
 tests/e2e-movielens.sh

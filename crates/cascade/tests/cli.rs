@@ -454,8 +454,20 @@ fn observed_serve(artifacts: &Path, tmp: &Path, gateway_scrape: &str) {
     let runs: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let ok = runs[0]["ok"].as_u64().unwrap();
-    // Let one more scrape land after the load.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Wait until a scrape after the load has landed: Prometheus holds every
+    // answered Predict.
+    // (`or vector(0)`: before the first such scrape the series is absent.)
+    let t1 = std::time::Instant::now();
+    while query(
+        r#"sum(grpc_server_handled_total{job="cascade",grpc_method="Predict",grpc_code="OK"}) or vector(0)"#,
+    ) < ok as f64
+    {
+        assert!(
+            t1.elapsed().as_secs() < 30,
+            "Prometheus never scraped the post-load counters"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     let rate = query(
         r#"sum(rate(grpc_server_handled_total{job="cascade",grpc_method="Predict",grpc_code="OK"}[8s]))"#,

@@ -44,7 +44,7 @@ def server_facts(binary):
     readiness = re.search(r'pub const READINESS_SERVICE: &str = "([^"]+)"', lib).group(1)
     sources = "".join(
         open(os.path.join(ROOT, p)).read()
-        for p in ("crates/cascade-server/src/telemetry.rs", "crates/cascade-core/src/metrics.rs")
+        for p in ("crates/cascade-server/src/telemetry/metrics.rs", "crates/cascade-core/src/metrics.rs")
     )
     metrics = set(re.findall(r'"((?:cascade|grpc)_[a-z_]+)"', sources))
     disc = open(os.path.join(ROOT, "crates/cascade-server/src/discovery.rs")).read()

@@ -40,6 +40,24 @@ struct Cli {
     log_format: LogFormat,
 }
 
+/// `--discovery` (listed in `--help`, which the chart check reads).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Discovery {
+    Kube,
+    Dns,
+    Auto,
+}
+
+impl From<Discovery> for cascade_server::Discovery {
+    fn from(d: Discovery) -> Self {
+        match d {
+            Discovery::Kube => Self::Kube,
+            Discovery::Dns => Self::Dns,
+            Discovery::Auto => Self::Auto,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -113,7 +131,7 @@ struct ServeArgs {
     /// EndpointSlices and balance over ready pods), dns (connect to the URL),
     /// or auto (kube inside a cluster, else dns).
     #[arg(long, env = "CASCADE_DISCOVERY", default_value = "auto")]
-    discovery: cascade_server::Discovery,
+    discovery: Discovery,
     /// Device for the models: cpu, cuda or cuda:N.
     #[arg(long, env = "CASCADE_DEVICE", default_value = "cpu")]
     device: String,
@@ -496,9 +514,7 @@ struct TrainArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Cmd::Train(_) | Cmd::Eval(_)) {
-        lane_threads();
-    }
+    candle_threads(&cli.cmd);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,hnsw_rs=warn,anndists=warn".into());
     let logs = tracing_subscriber::fmt()
@@ -523,21 +539,32 @@ fn main() -> Result<()> {
     }
 }
 
-/// Training runs two lanes at once (evaluation and refit, or the two
-/// protocols): give each half the cores for Candle's per-op threads, unless
-/// `RAYON_NUM_THREADS` says otherwise. Candle reads the variable on every op.
-fn lane_threads() {
+/// Candle sizes each CPU op's parallelism from `RAYON_NUM_THREADS`, read on
+/// every op; unset, it counts physical cores by reading `/proc/cpuinfo`, on
+/// every op. Unless the user set it:
+/// - training runs two lanes at once (evaluation and refit, or the two
+///   protocols), so each gets half the cores;
+/// - serving runs tiny tensors (one user's tower, a few hundred candidate
+///   rows) on many request threads at once, where splitting an op over a
+///   thread pool costs more than the op (threads spinning, `/proc` reads):
+///   one thread per op, the request threads are the parallelism.
+fn candle_threads(cmd: &Cmd) {
     if std::env::var_os("RAYON_NUM_THREADS").is_some() {
         return;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // The project's one unsafe block. Candle sizes its CPU parallelism from
-    // this variable (read on every op), so there is no safe knob to turn
-    // instead. SAFETY: called at the top of `main`, before any thread is
-    // started, so nothing can read the environment concurrently.
+    let threads = match cmd {
+        Cmd::Train(_) | Cmd::Eval(_) => (cores / 2).max(1),
+        Cmd::Serve(_) => 1,
+        _ => return,
+    };
+    // The project's one unsafe block. Candle reads this variable on every op,
+    // so there is no safe knob to turn instead. SAFETY: called at the top of
+    // `main`, before any thread is started, so nothing can read the
+    // environment concurrently.
     #[allow(unsafe_code)]
     unsafe {
-        std::env::set_var("RAYON_NUM_THREADS", (cores / 2).max(1).to_string())
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string())
     };
 }
 
@@ -805,7 +832,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         (Some(retrieval), Some(ranker)) => Some(StagesConfig {
             retrieval: retrieval.clone(),
             ranker: ranker.clone(),
-            discovery: a.discovery,
+            discovery: a.discovery.into(),
         }),
         _ => None,
     };

@@ -27,20 +27,6 @@ pub enum Discovery {
     Auto,
 }
 
-impl std::str::FromStr for Discovery {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kube" => Ok(Self::Kube),
-            "dns" => Ok(Self::Dns),
-            "auto" => Ok(Self::Auto),
-            _ => Err(format!(
-                "unknown discovery {s:?} (expected kube, dns or auto)"
-            )),
-        }
-    }
-}
-
 /// The model this process serves (roles `all`, `retrieval`, `ranker`).
 #[derive(Debug, Clone)]
 pub struct ModelConfig {

@@ -55,6 +55,29 @@ fn staged<T>(msg: T, stages: Vec<StageSpan>) -> Response<T> {
     r
 }
 
+/// A core answer that carries its stage records.
+trait WithStages {
+    fn take_stages(&mut self) -> Vec<StageSpan>;
+}
+
+impl WithStages for cascade_core::PredictResponse {
+    fn take_stages(&mut self) -> Vec<StageSpan> {
+        std::mem::take(&mut self.stages)
+    }
+}
+
+impl WithStages for cascade_core::RankResponse {
+    fn take_stages(&mut self) -> Vec<StageSpan> {
+        std::mem::take(&mut self.stages)
+    }
+}
+
+/// A core answer converted to its message, its stages moved to the extension.
+fn answer<C: WithStages, P: From<C>>(mut core: C) -> Response<P> {
+    let stages = core.take_stages();
+    staged(P::from(core), stages)
+}
+
 /// What every handler reads from its request: the caller's remaining time
 /// and the trace context the observation layer opened.
 fn call_of<T>(req: &Request<T>) -> Result<(Option<Duration>, opentelemetry::Context), Status> {
@@ -173,11 +196,10 @@ impl Cascade for CascadeService {
             return Ok(staged(resp, stages));
         }
         let r = cascade_core::PredictRequest::from(req.into_inner());
-        let mut resp = self
+        let resp = self
             .blocking(deadline, move |e, ctx| e.predict_with(&r, ctx))
             .await?;
-        let stages = std::mem::take(&mut resp.stages);
-        Ok(staged(resp.into(), stages))
+        Ok(answer(resp))
     }
 
     async fn rank(
@@ -192,13 +214,12 @@ impl Cascade for CascadeService {
             ));
         }
         let r = RankArgs::from(req.into_inner());
-        let mut resp = self
+        let resp = self
             .blocking(deadline, move |e, ctx| {
                 e.rank_with(&r.user_id, &r.item_ids, &r.context_item_ids, ctx)
             })
             .await?;
-        let stages = std::mem::take(&mut resp.stages);
-        Ok(staged(resp.into(), stages))
+        Ok(answer(resp))
     }
 
     async fn retrieve(
@@ -213,7 +234,7 @@ impl Cascade for CascadeService {
             ));
         }
         let r = RetrieveArgs::from(req.into_inner());
-        let mut resp = self
+        let resp = self
             .blocking(deadline, move |e, _| {
                 e.retrieve_with(
                     &r.user_id,
@@ -224,8 +245,7 @@ impl Cascade for CascadeService {
                 )
             })
             .await?;
-        let stages = std::mem::take(&mut resp.stages);
-        Ok(staged(resp.into(), stages))
+        Ok(answer(resp))
     }
 
     async fn record_events(

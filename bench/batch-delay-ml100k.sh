@@ -9,6 +9,7 @@
 # Run it on an otherwise idle machine; the generator shares its cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 cargo build --release -q -p cascade
 BIN=target/release/cascade
 DELAYS=${DELAYS:-0 200 1000}
@@ -20,13 +21,10 @@ trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
 server=
 for d in $DELAYS; do
   "$BIN" serve --train-if-missing --artifact artifacts --listen "127.0.0.1:$PORT" \
-    --event-log "$work/events-$d.log" --batch-max-delay-us "$d" 2>"$work/serve-$d.log" &
+    --event-log "$work/events-$d.log" --batch-max-delay-us "$d" \
+    --rank-threads "${RANK_THREADS:-1}" 2>"$work/serve-$d.log" &
   server=$!
-  for _ in $(seq 1 600); do
-    grep -q "serving cascade.v1" "$work/serve-$d.log" && break
-    kill -0 $server 2>/dev/null || { cat "$work/serve-$d.log"; exit 1; }
-    sleep 1
-  done
+  wait_serving "$work/serve-$d.log" "$server"
   "$BIN" bench --endpoint "http://127.0.0.1:$PORT" --artifact artifacts --duration "$DURATION" \
     --warmup 3 --rpc predict --rate "$RATES" --json "$work/delay-$d.json"
   kill -TERM $server

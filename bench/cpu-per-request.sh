@@ -11,6 +11,7 @@
 # shared, noisy machines support.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 if [ -z "${BIN:-}" ]; then
   cargo build --release -q -p cascade
   BIN=target/release/cascade
@@ -25,11 +26,7 @@ work=$(mktemp -d)
   --event-log "$work/events.log" $SERVE_FLAGS 2>"$work/serve.log" &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 1 600); do
-  grep -q "serving cascade.v1" "$work/serve.log" && break
-  kill -0 $server 2>/dev/null || { cat "$work/serve.log"; exit 1; }
-  sleep 1
-done
+wait_serving "$work/serve.log" "$server"
 ticks() { awk '{print $14 + $15}' "/proc/$server/stat"; }
 hz=$(getconf CLK_TCK)
 IFS=, read -ra rates <<<"$RATES"

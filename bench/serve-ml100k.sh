@@ -9,6 +9,7 @@
 # Run it on an otherwise idle machine; the generator shares its cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 cargo build --release -q -p cascade
 BIN=target/release/cascade
 RATES=${RATES:-250,500,1000,1500}
@@ -20,11 +21,7 @@ work=$(mktemp -d)
   --event-log "$work/events.log" $SERVE_FLAGS 2>"$work/serve.log" &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
-for _ in $(seq 1 600); do
-  grep -q "serving cascade.v1" "$work/serve.log" && break
-  kill -0 $server 2>/dev/null || { cat "$work/serve.log"; exit 1; }
-  sleep 1
-done
+wait_serving "$work/serve.log" "$server"
 common=(--endpoint "http://127.0.0.1:$PORT" --artifact artifacts --duration "$DURATION" --warmup 3)
 "$BIN" bench "${common[@]}" --rpc predict --rate "$RATES" --json "$work/predict.json"
 "$BIN" bench "${common[@]}" --rpc rank --rank-items 200 --rate 500,1000 --json "$work/rank.json"

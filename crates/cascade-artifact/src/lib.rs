@@ -244,14 +244,16 @@ impl Artifact {
             ef_construction: manifest.hnsw.ef_construction,
             max_layer: manifest.hnsw.max_layer,
             ef_search: manifest.hnsw.ef_search,
+            exact_below: manifest.hnsw.exact_below,
         };
-        let index = ItemIndex::load(dir, params)?;
+        let mut index = ItemIndex::load(dir, params)?;
         if index.len != manifest.num_items || index.dim != manifest.embedding_dim {
             return Err(corrupt(format!(
                 "HNSW holds {} vectors of dim {}, {MANIFEST} says {} of {}",
                 index.len, index.dim, manifest.num_items, manifest.embedding_dim
             )));
         }
+        index.choose_path(&item_vectors, None)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,

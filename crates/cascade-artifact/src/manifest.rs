@@ -27,6 +27,14 @@ pub struct HnswParams {
     pub distance: String,
     /// Recall@100 of the index against exact search, measured at build time.
     pub recall_at_100: f64,
+    /// Catalogues with fewer items are served by an exact scan instead of
+    /// the graph (artifacts from before this field get the default).
+    #[serde(default = "default_exact_below")]
+    pub exact_below: usize,
+}
+
+fn default_exact_below() -> usize {
+    cascade_retrieval::DEFAULT_EXACT_BELOW
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -26,7 +26,10 @@ pub struct BatchConfig {
     /// How long a worker holding a job waits for more before running; zero
     /// packs only what is already queued.
     pub max_delay: Duration,
-    /// Worker threads (each runs its own forwards).
+    /// Worker threads (each runs its own forwards); 0 runs each job on its
+    /// caller's thread, unbatched (on CPU the ranker's cost is per row, so
+    /// batching buys nothing there and the hand-off to a worker and back
+    /// costs two thread switches per request).
     pub threads: usize,
     /// Jobs waiting at most; beyond it requests are refused with RESOURCE_EXHAUSTED.
     pub queue: usize,
@@ -175,6 +178,8 @@ pub type BatchFn<I, O> = dyn Fn(&[&I]) -> Result<Vec<O>, EngineError> + Send + S
 pub struct Batcher<I, O> {
     tx: Option<Sender<Job<I, O>>>,
     workers: Vec<JoinHandle<()>>,
+    /// Set when jobs run on their callers' threads (`threads == 0`).
+    inline: Option<(Arc<BatchFn<I, O>>, EngineMetrics)>,
     pub stats: Arc<BatchStats>,
 }
 
@@ -190,10 +195,18 @@ impl<I: Rows + Send + 'static, O: Send + 'static> Batcher<I, O> {
         run: Arc<BatchFn<I, O>>,
         metrics: EngineMetrics,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = bounded::<Job<I, O>>(cfg.queue.max(1));
         let stats = Arc::new(BatchStats::default());
+        if cfg.threads == 0 {
+            return Ok(Self {
+                tx: None,
+                workers: Vec::new(),
+                inline: Some((run, metrics)),
+                stats,
+            });
+        }
+        let (tx, rx) = bounded::<Job<I, O>>(cfg.queue.max(1));
         let mut workers = Vec::new();
-        for n in 0..cfg.threads.max(1) {
+        for n in 0..cfg.threads {
             let rx = rx.clone();
             let run = run.clone();
             let stats = stats.clone();
@@ -207,6 +220,7 @@ impl<I: Rows + Send + 'static, O: Send + 'static> Batcher<I, O> {
         Ok(Self {
             tx: Some(tx),
             workers,
+            inline: None,
             stats,
         })
     }
@@ -228,6 +242,12 @@ impl<I: Rows + Send + 'static, O: Send + 'static> Batcher<I, O> {
             queued: Instant::now(),
             reply,
         };
+        if let Some((run, metrics)) = &self.inline {
+            forward(vec![job], &**run, &self.stats, metrics);
+            return rx
+                .try_recv()
+                .map_err(|_| EngineError::Internal("a ranking job got no answer".into()))?;
+        }
         let tx = self.tx.as_ref().ok_or(EngineError::Cancelled)?;
         match tx.try_send(job) {
             Ok(()) => {}
@@ -292,77 +312,88 @@ fn worker<I: Rows, O>(
             rows += j.input.rows();
             jobs.push(j);
         }
-        jobs.retain(|j| match j.ctx.check() {
-            Ok(()) => true,
-            Err(e) => {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-                metrics.rank_jobs_dropped.inc();
-                let _ = j.reply.send(Err(e));
-                false
-            }
-        });
-        if jobs.is_empty() {
-            continue;
+        forward(jobs, run, stats, metrics);
+    }
+}
+
+/// One forward over `jobs` (those still wanted), answering each through its
+/// reply channel.
+fn forward<I: Rows, O>(
+    mut jobs: Vec<Job<I, O>>,
+    run: &BatchFn<I, O>,
+    stats: &BatchStats,
+    metrics: &EngineMetrics,
+) {
+    jobs.retain(|j| match j.ctx.check() {
+        Ok(()) => true,
+        Err(e) => {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics.rank_jobs_dropped.inc();
+            let _ = j.reply.send(Err(e));
+            false
         }
-        let started = Instant::now();
-        let inputs: Vec<&I> = jobs.iter().map(|j| &j.input).collect();
-        let out = catch_unwind(AssertUnwindSafe(|| run(&inputs)));
-        let forward = started.elapsed();
-        let batch_rows: usize = inputs.iter().map(|i| i.rows()).sum();
-        metrics.batch_rows.observe(batch_rows as f64);
-        metrics.batch_requests.observe(inputs.len() as f64);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.rows.fetch_add(batch_rows as u64, Ordering::Relaxed);
-        stats.rows_hist[bucket(batch_rows)].fetch_add(1, Ordering::Relaxed);
-        stats.jobs_hist[bucket(inputs.len())].fetch_add(1, Ordering::Relaxed);
-        match out {
-            Ok(Ok(outs)) if outs.len() == jobs.len() => {
-                let n_jobs = jobs.len() as u32;
-                for (j, o) in jobs.into_iter().zip(outs) {
-                    let run = BatchRun {
-                        queued: j.queued,
-                        started,
-                        forward,
-                        rows: batch_rows as u32,
-                        jobs: n_jobs,
-                    };
-                    let _ = j.reply.send(Ok((o, run)));
-                }
+    });
+    if jobs.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let inputs: Vec<&I> = jobs.iter().map(|j| &j.input).collect();
+    let out = catch_unwind(AssertUnwindSafe(|| run(&inputs)));
+    let forward = started.elapsed();
+    let batch_rows: usize = inputs.iter().map(|i| i.rows()).sum();
+    metrics.batch_rows.observe(batch_rows as f64);
+    metrics.batch_requests.observe(inputs.len() as f64);
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    stats.rows.fetch_add(batch_rows as u64, Ordering::Relaxed);
+    stats.rows_hist[bucket(batch_rows)].fetch_add(1, Ordering::Relaxed);
+    stats.jobs_hist[bucket(inputs.len())].fetch_add(1, Ordering::Relaxed);
+    match out {
+        Ok(Ok(outs)) if outs.len() == jobs.len() => {
+            let n_jobs = jobs.len() as u32;
+            for (j, o) in jobs.into_iter().zip(outs) {
+                let run = BatchRun {
+                    queued: j.queued,
+                    started,
+                    forward,
+                    rows: batch_rows as u32,
+                    jobs: n_jobs,
+                };
+                let _ = j.reply.send(Ok((o, run)));
             }
-            Ok(Ok(outs)) => {
-                metrics.rank_batch_failures.inc();
-                let msg = format!(
-                    "batch returned {} outputs for {} jobs",
-                    outs.len(),
-                    jobs.len()
-                );
-                for j in jobs {
-                    let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
-                }
+        }
+        Ok(Ok(outs)) => {
+            metrics.rank_batch_failures.inc();
+            let msg = format!(
+                "batch returned {} outputs for {} jobs",
+                outs.len(),
+                jobs.len()
+            );
+            for j in jobs {
+                let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
             }
-            Ok(Err(e)) => {
-                metrics.rank_batch_failures.inc();
-                let msg = e.to_string();
-                for j in jobs {
-                    let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
-                }
+        }
+        Ok(Err(e)) => {
+            metrics.rank_batch_failures.inc();
+            let msg = e.to_string();
+            for j in jobs {
+                let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
             }
-            Err(panic) => {
-                stats.panics.fetch_add(1, Ordering::Relaxed);
-                metrics.rank_batch_failures.inc();
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(
-                    "a ranking batch panicked ({what}); its requests fail, the worker goes on"
-                );
-                for j in jobs {
-                    let _ = j.reply.send(Err(EngineError::Internal(
-                        "the ranking batch failed".into(),
-                    )));
-                }
+        }
+        Err(panic) => {
+            stats.panics.fetch_add(1, Ordering::Relaxed);
+            metrics.rank_batch_failures.inc();
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(
+                "a ranking batch panicked ({what}); its requests fail, the worker goes on"
+            );
+            for j in jobs {
+                let _ = j.reply.send(Err(EngineError::Internal(
+                    "the ranking batch failed".into(),
+                )));
             }
         }
     }
@@ -530,5 +561,38 @@ mod tests {
         release.send(()).unwrap();
         assert_eq!(first.join().unwrap().unwrap().0, vec![1]);
         assert_eq!(second.join().unwrap().unwrap().0, vec![2]);
+    }
+
+    #[test]
+    fn with_no_threads_jobs_run_on_their_callers_thread() {
+        let cfg = BatchConfig {
+            threads: 0,
+            ..BatchConfig::default()
+        };
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let double = doubler();
+        let run: Arc<BatchFn<Vec<u32>, Vec<u32>>> = Arc::new(move |inputs: &[&Vec<u32>]| {
+            record.lock().unwrap().push(std::thread::current().id());
+            double(inputs)
+        });
+        let b = Batcher::spawn("t", cfg, run).unwrap();
+        let (out, r) = b.run(vec![1, 2, 3], &CallCtx::default()).unwrap();
+        assert_eq!(out, vec![2, 4, 6]);
+        assert_eq!((r.rows, r.jobs), (3, 1));
+        assert_eq!(*seen.lock().unwrap(), vec![std::thread::current().id()]);
+        assert_eq!(b.queue_depth(), 0);
+        // A panic fails the job, not the caller; expired jobs are dropped.
+        assert!(matches!(
+            b.run(vec![666], &CallCtx::default()),
+            Err(EngineError::Internal(_))
+        ));
+        assert_eq!(b.stats.panics.load(Ordering::Relaxed), 1);
+        let past = CallCtx::with_deadline(Some(Instant::now()));
+        assert!(matches!(
+            b.run(vec![1], &past),
+            Err(EngineError::DeadlineExceeded)
+        ));
+        assert_eq!(b.stats.batches.load(Ordering::Relaxed), 2);
     }
 }

@@ -9,7 +9,9 @@ use candle_core::{Device, Tensor};
 use cascade_artifact::{Artifact, CascadeWeights};
 use cascade_model::nn::PairInputs;
 use cascade_model::serving::{FactorizedRanker, Row, UserPart};
+use cascade_retrieval::SearchPath;
 use fastbloom::BloomFilter;
+use fixedbitset::FixedBitSet;
 
 use crate::batch::BatchRun;
 use crate::batch::{BatchConfig, Batcher, CallCtx, Rows};
@@ -29,6 +31,9 @@ pub struct EngineConfig {
     pub user_cache: u64,
     /// Where the pipeline counts (shared by every version this config loads).
     pub metrics: EngineMetrics,
+    /// Retrieval's path regardless of catalogue size (`None`: the artifact's
+    /// `exact_below` decides).
+    pub search_path: Option<SearchPath>,
 }
 
 impl Default for EngineConfig {
@@ -37,6 +42,7 @@ impl Default for EngineConfig {
             batch: BatchConfig::default(),
             user_cache: 100_000,
             metrics: EngineMetrics::default(),
+            search_path: None,
         }
     }
 }
@@ -68,6 +74,8 @@ struct Model {
     user_index: HashMap<String, u32>,
     item_index: HashMap<String, u32>,
     seen: Vec<BloomFilter>,
+    /// Each item's title as answers show it ("Title (year)"), formatted once.
+    titles: Vec<String>,
     /// Item indices by training popularity, most popular first (ties: lower index).
     popular: Vec<u32>,
     weights: CascadeWeights,
@@ -119,7 +127,7 @@ impl Engine {
         cfg: EngineConfig,
         events: Arc<EventStore>,
     ) -> Result<Self, EngineError> {
-        let model = Arc::new(Model::load(dir, device)?);
+        let model = Arc::new(Model::load(dir, device, cfg.search_path)?);
         let worker_model = model.clone();
         let ranker = Batcher::spawn_with(
             "cascade-rank",
@@ -578,8 +586,18 @@ fn sort_best_first(items: &mut [(u32, Scores)]) {
 }
 
 impl Model {
-    fn load(dir: &Path, device: &Device) -> Result<Self, EngineError> {
-        let artifact = Artifact::load(dir, device)?;
+    fn load(dir: &Path, device: &Device, path: Option<SearchPath>) -> Result<Self, EngineError> {
+        let mut artifact = Artifact::load(dir, device)?;
+        if path.is_some() {
+            let Artifact {
+                index,
+                item_vectors,
+                ..
+            } = &mut artifact;
+            index
+                .choose_path(item_vectors, path)
+                .map_err(|e| EngineError::Internal(e.to_string()))?;
+        }
         let items = &artifact.items;
         let item_index = items
             .iter()
@@ -594,6 +612,13 @@ impl Model {
             .map(|(i, u)| (u.clone(), i as u32))
             .collect();
         let seen = space.user_seen.iter().map(|s| seen_filter(s)).collect();
+        let titles = items
+            .iter()
+            .map(|it| match it.year {
+                Some(y) => format!("{} ({y})", it.title),
+                None => it.title.clone(),
+            })
+            .collect();
         let mut popular: Vec<u32> = (0..items.len() as u32).collect();
         popular.sort_by(|&a, &b| {
             space.item_popularity[b as usize]
@@ -614,6 +639,7 @@ impl Model {
             user_index,
             item_index,
             seen,
+            titles,
             popular,
             weights,
             device: device.clone(),
@@ -778,8 +804,20 @@ impl Model {
         let seen = self.seen.get(u as usize);
         let checked = std::cell::Cell::new(0u32);
         let rejected = std::cell::Cell::new(0u32);
+        // A bit per item: the search asks about every item (exact scan) or
+        // many times per item (graph walk), a hash-set lookup each time cost
+        // more than the dot products.
+        let blocked = (!exclude.is_empty()).then(|| {
+            let mut b = FixedBitSet::with_capacity(self.artifact.items.len());
+            for &i in exclude {
+                if (i as usize) < b.len() {
+                    b.insert(i as usize);
+                }
+            }
+            b
+        });
         let keep = |i: usize| {
-            if exclude.contains(&(i as u32)) {
+            if blocked.as_ref().is_some_and(|b| b.contains(i)) {
                 return false;
             }
             let Some(seen) = seen else { return true };
@@ -891,13 +929,9 @@ impl Model {
 
     fn scored(&self, i: u32, sc: Scores) -> ScoredItem {
         let it = &self.artifact.items[i as usize];
-        let title = match it.year {
-            Some(y) => format!("{} ({y})", it.title),
-            None => it.title.clone(),
-        };
         ScoredItem {
             item_id: it.id.clone(),
-            title,
+            title: self.titles[i as usize].clone(),
             score: sc.score,
             retrieval_score: sc.retrieval,
             predicted_rating: sc.rating,

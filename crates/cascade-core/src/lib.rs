@@ -14,6 +14,7 @@ mod handle;
 pub mod metrics;
 
 pub use batch::{BatchConfig, BatchRun, CallCtx};
+pub use cascade_retrieval::SearchPath;
 pub use engine::{Engine, EngineConfig};
 pub use events::{Event, EventStore};
 pub use handle::{EngineHandle, Reloaded};

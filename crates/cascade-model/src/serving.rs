@@ -53,11 +53,13 @@ pub struct FactorizedRanker {
     tt_p: Vec<f32>,
     tt_p_sq: f32,
     tt_l1: Vec<f32>,
-    /// `[h1, h2]` (transposed second layer), `[h2]`, `[h2, 2]`, `[2]`.
+    /// `[h1, h2]` (transposed second layer): the one product big enough to
+    /// want gemm's kernels; the small layers after it are plain loops.
     w2t: Tensor,
-    b2: Tensor,
-    headt: Tensor,
-    head_b: Tensor,
+    /// `[h2]`, the head's weights `[2, h2]` row-major, `[2]`.
+    b2: Vec<f32>,
+    head_w: Vec<f32>,
+    head_b: [f32; 2],
 }
 
 fn flat(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -103,13 +105,24 @@ impl FactorizedRanker {
             None => vec![0.0; h1],
         };
         let head_b = match r.head.bias() {
-            Some(b) => b.to_device(&cpu)?,
-            None => Tensor::zeros(2, candle_core::DType::F32, &cpu)?,
+            Some(b) => match flat(b)?.as_slice() {
+                &[a, b] => [a, b],
+                other => candle_core::bail!("ranker head bias has {} values, not 2", other.len()),
+            },
+            None => [0.0; 2],
         };
         let b2 = match r.l2.bias() {
-            Some(b) => b.to_device(&cpu)?,
-            None => Tensor::zeros(r.cfg.hidden[1], candle_core::DType::F32, &cpu)?,
+            Some(b) => flat(b)?,
+            None => vec![0.0; r.cfg.hidden[1]],
         };
+        let head_w = flat(r.head.weight())?; // Linear h2 -> 2: weight [2, h2]
+        if head_w.len() != 2 * b2.len() {
+            candle_core::bail!(
+                "ranker head has {} weights for {} inputs",
+                head_w.len(),
+                b2.len()
+            );
+        }
         Ok(Self {
             k,
             h1,
@@ -131,7 +144,7 @@ impl FactorizedRanker {
             tt_l1,
             w2t: r.l2.weight().t()?.contiguous()?.to_device(&cpu)?,
             b2,
-            headt: r.head.weight().t()?.contiguous()?.to_device(&cpu)?,
+            head_w,
             head_b,
         })
     }
@@ -213,20 +226,21 @@ impl FactorizedRanker {
             }
         }
         let x = Tensor::from_vec(hidden, (n, h1), &Device::Cpu)?;
-        let x = x.matmul(&self.w2t)?.broadcast_add(&self.b2)?.relu()?;
-        let deep = x.matmul(&self.headt)?.broadcast_add(&self.head_b)?; // [n, 2]
-        let deep: Vec<Vec<f32>> = deep.to_vec2()?;
-        let rating = rows
-            .iter()
-            .zip(&deep)
-            .zip(&shallow)
-            .map(|((_, d), s)| d[0] + s + self.global_mean)
-            .collect();
-        let engage = rows
-            .iter()
-            .zip(&deep)
-            .map(|(row, d)| d[1] + self.item_engage[row.item as usize])
-            .collect();
+        let x: Vec<f32> = x.matmul(&self.w2t)?.flatten_all()?.to_vec1()?; // [n, h2]
+        let h2 = self.b2.len();
+        let (w_rating, w_engage) = self.head_w.split_at(h2);
+        let mut rating = Vec::with_capacity(n);
+        let mut engage = Vec::with_capacity(n);
+        for ((row, x), s) in rows.iter().zip(x.chunks_exact(h2)).zip(&shallow) {
+            let (mut d0, mut d1) = (self.head_b[0], self.head_b[1]);
+            for (((&x, &b), &w0), &w1) in x.iter().zip(&self.b2).zip(w_rating).zip(w_engage) {
+                let a = (x + b).max(0.0);
+                d0 += a * w0;
+                d1 += a * w1;
+            }
+            rating.push(d0 + s + self.global_mean);
+            engage.push(d1 + self.item_engage[row.item as usize]);
+        }
         Ok((rating, engage))
     }
 }

@@ -40,6 +40,9 @@ pub struct ModelConfig {
     pub event_log_compact_bytes: u64,
     pub batch: BatchConfig,
     pub user_cache: u64,
+    /// Retrieval's path for every version (`None`: each artifact's
+    /// `exact_below` decides).
+    pub search_path: Option<cascade_core::SearchPath>,
     /// Poll the root for newer versions this often.
     pub watch: Option<Duration>,
 }
@@ -199,6 +202,7 @@ fn local(m: &ModelConfig, metrics: EngineMetrics) -> Result<(Backend, String), S
         batch: m.batch,
         user_cache: m.user_cache,
         metrics,
+        search_path: m.search_path,
     };
     let t0 = Instant::now();
     let handle = Arc::new(

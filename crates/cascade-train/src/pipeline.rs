@@ -393,6 +393,7 @@ fn build_index(
         ef_search: params.ef_search,
         distance: "1 - dot, clamped to [0, 2] (cosine on L2-normalised vectors)".into(),
         recall_at_100: recall,
+        exact_below: params.exact_below,
     };
     Ok((hnsw, build_s))
 }

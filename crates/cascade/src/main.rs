@@ -58,6 +58,27 @@ impl From<Discovery> for cascade_server::Discovery {
     }
 }
 
+/// `--retrieval-path`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RetrievalPath {
+    /// The artifact decides: exact scan below its `exact_below` items, else HNSW.
+    Auto,
+    /// Every item's dot product, whatever the catalogue size.
+    Exact,
+    /// The HNSW graph walk, whatever the catalogue size.
+    Hnsw,
+}
+
+impl RetrievalPath {
+    fn forced(self) -> Option<cascade_core::SearchPath> {
+        match self {
+            Self::Auto => None,
+            Self::Exact => Some(cascade_core::SearchPath::Exact),
+            Self::Hnsw => Some(cascade_core::SearchPath::Hnsw),
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -173,15 +194,22 @@ struct ServeArgs {
     /// How long (µs) a ranking worker holding rows waits for more; 0 packs only what is queued.
     #[arg(long, env = "CASCADE_BATCH_MAX_DELAY_US", default_value_t = 0)]
     batch_max_delay_us: u64,
-    /// Ranking worker threads.
-    #[arg(long, env = "CASCADE_RANK_THREADS", default_value_t = BatchConfig::default().threads)]
-    rank_threads: usize,
+    /// Ranking worker threads that batch requests' rows into one forward;
+    /// 0 ranks each request on its own thread, unbatched. Default: 0 on
+    /// CPU (its ranker costs the same per row in or out of a batch, and the
+    /// hand-off costs two thread switches), 1 on a GPU.
+    #[arg(long, env = "CASCADE_RANK_THREADS")]
+    rank_threads: Option<usize>,
     /// Ranking jobs allowed to wait; beyond it requests get RESOURCE_EXHAUSTED.
     #[arg(long, env = "CASCADE_RANK_QUEUE", default_value_t = BatchConfig::default().queue)]
     rank_queue: usize,
     /// Users whose computed state is cached.
     #[arg(long, env = "CASCADE_USER_CACHE", default_value_t = EngineConfig::default().user_cache)]
     user_cache: u64,
+    /// How retrieval searches the catalogue: auto (exact scan below the
+    /// artifact's `exact_below` items, the HNSW walk above), exact, or hnsw.
+    #[arg(long, env = "CASCADE_RETRIEVAL_PATH", default_value = "auto")]
+    retrieval_path: RetrievalPath,
     /// Poll the artifact root every this many seconds and serve a newer version when one appears (0: off).
     #[arg(long, env = "CASCADE_WATCH_SECS", default_value_t = 0)]
     watch_secs: u64,
@@ -844,10 +872,13 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         batch: BatchConfig {
             max_rows: a.batch_max_rows.max(1),
             max_delay: std::time::Duration::from_micros(a.batch_max_delay_us),
-            threads: a.rank_threads.max(1),
+            threads: a
+                .rank_threads
+                .unwrap_or(if a.device == "cpu" { 0 } else { 1 }),
             queue: a.rank_queue.max(1),
         },
         user_cache: a.user_cache,
+        search_path: a.retrieval_path.forced(),
         watch: (a.watch_secs > 0).then(|| std::time::Duration::from_secs(a.watch_secs)),
     });
     // Training is the binary's business: the server library never links it.

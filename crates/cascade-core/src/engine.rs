@@ -83,7 +83,15 @@ struct Model {
     /// The ranker rearranged for CPU serving (item-side terms precomputed);
     /// `None` on GPU, where the plain batched forward is the fast path.
     fast: Option<FactorizedRanker>,
+    /// Every known user's ranker terms, computed at load (they depend on
+    /// the user's row only) when there are at most
+    /// [`PRECOMPUTED_USER_PARTS`] users; otherwise per request.
+    user_parts: Vec<UserPart>,
 }
+
+/// Up to this many users, their ranker terms (about 0.7 KB each) are
+/// computed once at load instead of once per request.
+const PRECOMPUTED_USER_PARTS: usize = 200_000;
 
 /// A user's computed state: the user tower's output given their recorded events.
 struct UserState {
@@ -626,13 +634,20 @@ impl Model {
                 .then(a.cmp(&b))
         });
         let weights = artifact.serving.cascade_weights;
-        let fast = match device {
+        let fast: Option<FactorizedRanker> = match device {
             Device::Cpu => Some(FactorizedRanker::new(
                 &artifact.ranker,
                 &artifact.tables.items,
                 space.serving_user_cats(),
             )?),
             _ => None,
+        };
+        let user_parts = match &fast {
+            Some(f) if space.dims.num_users <= PRECOMPUTED_USER_PARTS => (0..space.dims.num_users
+                as u32)
+                .map(|u| f.user(u))
+                .collect(),
+            _ => Vec::new(),
         };
         Ok(Self {
             artifact,
@@ -643,6 +658,7 @@ impl Model {
             popular,
             weights,
             device: device.clone(),
+            user_parts,
             fast,
         })
     }
@@ -867,7 +883,13 @@ impl Model {
     fn score_rows(&self, jobs: &[&RankRows]) -> Result<Vec<Vec<Scores>>, EngineError> {
         let (rating, engage) = match &self.fast {
             Some(f) => {
-                let users: Vec<UserPart> = jobs.iter().map(|j| f.user(j.user)).collect();
+                let users: Vec<UserPart> = jobs
+                    .iter()
+                    .map(|j| match self.user_parts.get(j.user as usize) {
+                        Some(p) => p.clone(),
+                        None => f.user(j.user),
+                    })
+                    .collect();
                 let rows: Vec<Row> = jobs
                     .iter()
                     .enumerate()

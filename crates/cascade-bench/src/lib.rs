@@ -476,7 +476,10 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
         let (rec, work, cfg) = (rec.clone(), work.clone(), cfg.clone());
         tokio::task::spawn_blocking(move || {
             let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-            let mut tasks = Vec::new();
+            // Finished requests are reaped as the schedule goes: a task's
+            // memory lives until it is joined, and holding every handle to
+            // the end grew the generator by ~3.6 KB per request sent.
+            let mut tasks = tokio::task::JoinSet::new();
             let mut at = start;
             let mut n = 0usize;
             let mut sent = 0u64;
@@ -495,13 +498,17 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
                     let _ = lock(&rec).lag.record(late.min(60_000_000));
                 }
                 let (rec, intended) = (rec.clone(), at);
-                tasks.push(rt.spawn(async move {
-                    let result = call.send(client).await;
-                    if measured {
-                        let us = intended.elapsed().as_micros() as u64;
-                        lock(&rec).record(second_of(intended), us, result);
-                    }
-                }));
+                tasks.spawn_on(
+                    async move {
+                        let result = call.send(client).await;
+                        if measured {
+                            let us = intended.elapsed().as_micros() as u64;
+                            lock(&rec).record(second_of(intended), us, result);
+                        }
+                    },
+                    &rt,
+                );
+                while tasks.try_join_next().is_some() {}
                 at += if cfg.poisson {
                     // Exponential gaps with mean 1/rate.
                     let u: f64 = rng.random_range(f64::EPSILON..1.0);
@@ -513,17 +520,13 @@ pub async fn run(cfg: RunConfig, work: Arc<Workload>) -> Result<RunReport, Bench
             (sent, tasks)
         })
     };
-    let (sent, tasks) = schedule
+    let (sent, mut tasks) = schedule
         .await
         .map_err(|e| BenchError::Config(format!("schedule thread: {e}")))?;
     let grace = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut left = 0u64;
-    for mut t in tasks {
-        if tokio::time::timeout_at(grace, &mut t).await.is_err() {
-            t.abort();
-            left += 1;
-        }
-    }
+    while let Ok(Some(_)) = tokio::time::timeout_at(grace, tasks.join_next()).await {}
+    let left = tasks.len() as u64;
+    tasks.abort_all();
     let mut r = lock(&rec);
     if left > 0 {
         *r.errors.entry("generator_timeout".into()).or_default() += left;

@@ -235,19 +235,22 @@ impl<I: Rows + Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// forward went.
     pub fn run(&self, input: I, ctx: &CallCtx) -> Result<(O, BatchRun), EngineError> {
         ctx.check()?;
+        let queued = Instant::now();
+        if let Some((run, metrics)) = &self.inline {
+            let (outs, f) =
+                forward(&[&input], &**run, &self.stats, metrics).map_err(EngineError::Internal)?;
+            let out = outs.into_iter().next().ok_or_else(|| {
+                EngineError::Internal("the ranking forward returned nothing".into())
+            })?;
+            return Ok((out, f.run(queued)));
+        }
         let (reply, rx) = bounded(1);
         let job = Job {
             input,
             ctx: ctx.clone(),
-            queued: Instant::now(),
+            queued,
             reply,
         };
-        if let Some((run, metrics)) = &self.inline {
-            forward(vec![job], &**run, &self.stats, metrics);
-            return rx
-                .try_recv()
-                .map_err(|_| EngineError::Internal("a ranking job got no answer".into()))?;
-        }
         let tx = self.tx.as_ref().ok_or(EngineError::Cancelled)?;
         match tx.try_send(job) {
             Ok(()) => {}
@@ -312,34 +315,68 @@ fn worker<I: Rows, O>(
             rows += j.input.rows();
             jobs.push(j);
         }
-        forward(jobs, run, stats, metrics);
+        jobs.retain(|j| match j.ctx.check() {
+            Ok(()) => true,
+            Err(e) => {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics.rank_jobs_dropped.inc();
+                let _ = j.reply.send(Err(e));
+                false
+            }
+        });
+        if jobs.is_empty() {
+            continue;
+        }
+        let inputs: Vec<&I> = jobs.iter().map(|j| &j.input).collect();
+        match forward(&inputs, run, stats, metrics) {
+            Ok((outs, f)) => {
+                for (j, o) in jobs.into_iter().zip(outs) {
+                    let _ = j.reply.send(Ok((o, f.run(j.queued))));
+                }
+            }
+            Err(msg) => {
+                for j in jobs {
+                    let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
+                }
+            }
+        }
     }
 }
 
-/// One forward over `jobs` (those still wanted), answering each through its
-/// reply channel.
+/// How one forward went, shared by the jobs in it.
+#[derive(Debug, Clone, Copy)]
+struct Forward {
+    started: Instant,
+    took: Duration,
+    rows: u32,
+    jobs: u32,
+}
+
+impl Forward {
+    /// The run record of a job queued at `queued`.
+    fn run(&self, queued: Instant) -> BatchRun {
+        BatchRun {
+            queued,
+            started: self.started,
+            forward: self.took,
+            rows: self.rows,
+            jobs: self.jobs,
+        }
+    }
+}
+
+/// One forward over `inputs`, counted in the stats and metrics: one output
+/// per input, in order, or the message every job of the batch fails with (a
+/// panic inside `run` is caught here and fails only this batch).
 fn forward<I: Rows, O>(
-    mut jobs: Vec<Job<I, O>>,
+    inputs: &[&I],
     run: &BatchFn<I, O>,
     stats: &BatchStats,
     metrics: &EngineMetrics,
-) {
-    jobs.retain(|j| match j.ctx.check() {
-        Ok(()) => true,
-        Err(e) => {
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
-            metrics.rank_jobs_dropped.inc();
-            let _ = j.reply.send(Err(e));
-            false
-        }
-    });
-    if jobs.is_empty() {
-        return;
-    }
+) -> Result<(Vec<O>, Forward), String> {
     let started = Instant::now();
-    let inputs: Vec<&I> = jobs.iter().map(|j| &j.input).collect();
-    let out = catch_unwind(AssertUnwindSafe(|| run(&inputs)));
-    let forward = started.elapsed();
+    let out = catch_unwind(AssertUnwindSafe(|| run(inputs)));
+    let took = started.elapsed();
     let batch_rows: usize = inputs.iter().map(|i| i.rows()).sum();
     metrics.batch_rows.observe(batch_rows as f64);
     metrics.batch_requests.observe(inputs.len() as f64);
@@ -347,37 +384,25 @@ fn forward<I: Rows, O>(
     stats.rows.fetch_add(batch_rows as u64, Ordering::Relaxed);
     stats.rows_hist[bucket(batch_rows)].fetch_add(1, Ordering::Relaxed);
     stats.jobs_hist[bucket(inputs.len())].fetch_add(1, Ordering::Relaxed);
+    let f = Forward {
+        started,
+        took,
+        rows: batch_rows as u32,
+        jobs: inputs.len() as u32,
+    };
     match out {
-        Ok(Ok(outs)) if outs.len() == jobs.len() => {
-            let n_jobs = jobs.len() as u32;
-            for (j, o) in jobs.into_iter().zip(outs) {
-                let run = BatchRun {
-                    queued: j.queued,
-                    started,
-                    forward,
-                    rows: batch_rows as u32,
-                    jobs: n_jobs,
-                };
-                let _ = j.reply.send(Ok((o, run)));
-            }
-        }
+        Ok(Ok(outs)) if outs.len() == inputs.len() => Ok((outs, f)),
         Ok(Ok(outs)) => {
             metrics.rank_batch_failures.inc();
-            let msg = format!(
+            Err(format!(
                 "batch returned {} outputs for {} jobs",
                 outs.len(),
-                jobs.len()
-            );
-            for j in jobs {
-                let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
-            }
+                inputs.len()
+            ))
         }
         Ok(Err(e)) => {
             metrics.rank_batch_failures.inc();
-            let msg = e.to_string();
-            for j in jobs {
-                let _ = j.reply.send(Err(EngineError::Internal(msg.clone())));
-            }
+            Err(e.to_string())
         }
         Err(panic) => {
             stats.panics.fetch_add(1, Ordering::Relaxed);
@@ -390,11 +415,7 @@ fn forward<I: Rows, O>(
             tracing::error!(
                 "a ranking batch panicked ({what}); its requests fail, the worker goes on"
             );
-            for j in jobs {
-                let _ = j.reply.send(Err(EngineError::Internal(
-                    "the ranking batch failed".into(),
-                )));
-            }
+            Err("the ranking batch failed".into())
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One loaded model version: its immutable state ([`Model`]), the ranking
 //! batcher whose workers own a share of it, and the user-state cache.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -604,7 +605,7 @@ impl Model {
             } = &mut artifact;
             index
                 .choose_path(item_vectors, path)
-                .map_err(|e| EngineError::Internal(e.to_string()))?;
+                .map_err(cascade_artifact::ArtifactError::from)?;
         }
         let items = &artifact.items;
         let item_index = items
@@ -825,11 +826,7 @@ impl Model {
         // more than the dot products.
         let blocked = (!exclude.is_empty()).then(|| {
             let mut b = FixedBitSet::with_capacity(self.artifact.items.len());
-            for &i in exclude {
-                if (i as usize) < b.len() {
-                    b.insert(i as usize);
-                }
-            }
+            b.extend(exclude.iter().map(|&i| i as usize));
             b
         });
         let keep = |i: usize| {
@@ -883,11 +880,11 @@ impl Model {
     fn score_rows(&self, jobs: &[&RankRows]) -> Result<Vec<Vec<Scores>>, EngineError> {
         let (rating, engage) = match &self.fast {
             Some(f) => {
-                let users: Vec<UserPart> = jobs
+                let users: Vec<Cow<UserPart>> = jobs
                     .iter()
                     .map(|j| match self.user_parts.get(j.user as usize) {
-                        Some(p) => p.clone(),
-                        None => f.user(j.user),
+                        Some(p) => Cow::Borrowed(p),
+                        None => Cow::Owned(f.user(j.user)),
                     })
                     .collect();
                 let rows: Vec<Row> = jobs

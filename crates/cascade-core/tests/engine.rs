@@ -823,6 +823,7 @@ fn the_exact_scan_answers_as_the_graph_walk_for_every_user() {
         let (a, b) = (exact.predict(r).unwrap(), walk.predict(r).unwrap());
         assert!(!a.cold_start, "{}", r.user_id);
         assert_eq!(a.items.len(), r.num_results);
+        assert_eq!(b.items.len(), r.num_results);
         let Stage::Retrieval { bloom_checked, .. } = a.stages[1].stage else {
             panic!("{:?}", a.stages);
         };

@@ -7,6 +7,8 @@
 //! sums and squared norms) and the two small upper layers remain. Same model,
 //! same math; `tests::matches_the_plain_forward` holds it to that.
 
+use std::borrow::Borrow;
+
 use candle_core::{Device, Module, Tensor, D};
 
 use crate::nn::{ItemInputs, Ranker};
@@ -190,10 +192,11 @@ impl FactorizedRanker {
         }
     }
 
-    /// (rating, engagement logit) per row.
+    /// (rating, engagement logit) per row; `users` owned or borrowed (the
+    /// server keeps known users' parts and lends them).
     pub fn score(
         &self,
-        users: &[UserPart],
+        users: &[impl Borrow<UserPart>],
         rows: &[Row],
     ) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
         let (k, h1) = (self.k, self.h1);
@@ -201,7 +204,7 @@ impl FactorizedRanker {
         let mut hidden = vec![0f32; n * h1];
         let mut shallow = Vec::with_capacity(n);
         for (r, row) in rows.iter().enumerate() {
-            let u = &users[row.user];
+            let u: &UserPart = users[row.user].borrow();
             let i = row.item as usize;
             let t = row.tt;
             // FM: 0.5 * (|Σ v_f|² - Σ |v_f|²) over user, item and tt fields.

@@ -159,7 +159,8 @@ impl ItemIndex {
 
     /// Pick the search path: `force` when given, otherwise the exact scan
     /// below `params.exact_below` items. `vectors` are the indexed vectors
-    /// (row `i` = item `i`), copied flat for the scan.
+    /// (row `i` = item `i`), copied flat for the scan; nothing is copied
+    /// again when the index already takes that path.
     pub fn choose_path(
         &mut self,
         vectors: &[Vec<f32>],
@@ -170,6 +171,9 @@ impl ItemIndex {
         } else {
             SearchPath::Hnsw
         });
+        if path == self.path() {
+            return Ok(path);
+        }
         self.flat = match path {
             SearchPath::Hnsw => None,
             SearchPath::Exact => {

@@ -25,6 +25,11 @@ pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Result<Option<Durati
     })
 }
 
+/// The `grpc-timeout` of a request's headers, if it has a well-formed one.
+pub(crate) fn header_deadline(headers: &http::HeaderMap) -> Option<Duration> {
+    parse_grpc_timeout(headers.get("grpc-timeout")?.as_bytes())
+}
+
 fn parse_grpc_timeout(v: &[u8]) -> Option<Duration> {
     let (&unit, digits) = v.split_last()?;
     if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {

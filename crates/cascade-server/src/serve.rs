@@ -3,12 +3,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use cascade_proto::pb;
 use cascade_proto::pb::cascade_server::CascadeServer;
 use tokio::net::TcpListener;
+use tonic::service::Routes;
 use tower::Layer;
 
 use crate::service::{Backend, CascadeService};
@@ -30,22 +30,33 @@ pub struct ServeOptions {
     pub connections: Connections,
 }
 
-/// What bounds a connection's life. tonic 0.14 has no idle or header-read
-/// timeout per connection: keepalive finds dead peers, the age bound ends
-/// live but idle (or trickling) ones, and the drain bound ends the rest at
-/// shutdown.
+/// What bounds a connection's life and a request's time (enforced by
+/// [`crate::listen`] and the observation layer; `docs/reliability.md`).
 #[derive(Debug, Clone, Copy)]
 pub struct Connections {
-    /// HTTP/2 PING every this long on a quiet connection…
+    /// HTTP/2 PING every this long on a quiet connection (also the TCP keepalive)…
     pub keepalive_interval: Duration,
     /// …and the connection is closed if the PING is not answered in this.
     pub keepalive_timeout: Duration,
+    /// A connection must send the HTTP/2 preface within this, or it is dropped.
+    pub handshake_timeout: Duration,
+    /// A connection with no request in flight for this long gets a GOAWAY.
+    /// A request counts once its headers are complete, so a peer trickling
+    /// headers is idle too.
+    pub idle_timeout: Duration,
     /// Close a connection (GOAWAY, then `max_age_grace` for its requests)
     /// after this long; `None` keeps it open while it is alive. Clients
     /// reconnect, which also rebalances them across replicas behind an L4
     /// load balancer.
     pub max_age: Option<Duration>,
     pub max_age_grace: Duration,
+    /// Connections open at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection (announced in SETTINGS).
+    pub max_streams: u32,
+    /// A request that sends no `grpc-timeout` gets this deadline, so a body
+    /// that never arrives cannot hold an in-flight slot for ever.
+    pub request_timeout: Duration,
     /// After shutdown starts, wait at most this long for requests in flight;
     /// then the remaining connections are cut and `serve` returns.
     pub drain_timeout: Duration,
@@ -56,8 +67,13 @@ impl Default for Connections {
         Self {
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
             max_age: Some(Duration::from_secs(1800)),
             max_age_grace: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_streams: 1024,
+            request_timeout: Duration::from_secs(60),
             // Below the chart's 45 s grace period minus its 5 s preStop.
             drain_timeout: Duration::from_secs(30),
         }
@@ -85,10 +101,11 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let admission = opts.admission;
-    let observe = ObserveLayer(
+    let observe = ObserveLayer::new(
         opts.telemetry
             .clone()
             .with_role(opts.role.as_str(), &opts.device),
+        opts.connections.request_timeout,
     );
     let svc = CascadeService::new(backend, opts.role, opts.device)
         .with_workers(opts.workers)
@@ -103,52 +120,26 @@ pub async fn serve(
     let service = observe.layer(admission.layer(grpc));
     let c = opts.connections;
     let drain_reporter = reporter.clone();
-    let started = Arc::new(tokio::sync::Notify::new());
-    let start_drain = started.clone();
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: readiness NOT_SERVING, draining in-flight requests");
         drain_reporter
             .set_not_serving::<CascadeServer<CascadeService>>()
             .await;
-        start_drain.notify_one();
     };
-    let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(c.keepalive_interval))
-        .http2_keepalive_timeout(Some(c.keepalive_timeout))
-        .tcp_keepalive(Some(c.keepalive_interval));
-    if let Some(age) = c.max_age {
-        builder = builder
-            .max_connection_age(age)
-            .max_connection_age_grace(c.max_age_grace);
-    }
-    let server = builder
-        .add_service(health)
+    let routes = Routes::new(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        // Small responses must leave at once: without TCP_NODELAY, Nagle's
-        // algorithm and the peer's delayed ACK add up to 40 ms to a reply.
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
+        .prepare();
+    let cut =
+        crate::listen::serve_routes(listener, routes, c, opts.telemetry.metrics, shutdown).await;
+    if cut > 0 {
+        tracing::warn!(
+            "drain timeout ({:.0} s) passed: cut {cut} connections ({} requests still in flight)",
+            c.drain_timeout.as_secs_f64(),
+            admission.in_flight()
         );
-    // A graceful shutdown waits for every connection to close, and a silent
-    // peer (or one that never answers the GOAWAY) would keep it waiting
-    // forever: past the drain bound, stop waiting and cut what is left.
-    let bound = async {
-        started.notified().await;
-        tokio::time::sleep(c.drain_timeout).await;
-    };
-    tokio::select! {
-        done = server => done?,
-        _ = bound => {
-            let busy = admission.in_flight();
-            tracing::warn!(
-                "drain timeout ({:.0} s) passed: cutting the remaining connections ({busy} requests still in flight)",
-                c.drain_timeout.as_secs_f64()
-            );
-        }
     }
     Ok(())
 }

@@ -188,6 +188,22 @@ struct ServeArgs {
         default_value_t = 1800.0
     )]
     max_connection_age_secs: f64,
+    /// Drop a connection that has not sent the HTTP/2 preface within this many seconds.
+    #[arg(long, env = "CASCADE_HANDSHAKE_TIMEOUT_SECS", default_value_t = Connections::default().handshake_timeout.as_secs_f64())]
+    handshake_timeout_secs: f64,
+    /// GOAWAY to a connection with no request in flight for this many
+    /// seconds (a peer trickling a request's headers counts as idle).
+    #[arg(long, env = "CASCADE_IDLE_TIMEOUT_SECS", default_value_t = Connections::default().idle_timeout.as_secs_f64())]
+    idle_timeout_secs: f64,
+    /// Connections open at once on the gRPC port; more are closed as they arrive.
+    #[arg(long, env = "CASCADE_MAX_CONNECTIONS", default_value_t = Connections::default().max_connections)]
+    max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    #[arg(long, env = "CASCADE_MAX_STREAMS_PER_CONNECTION", default_value_t = Connections::default().max_streams)]
+    max_streams_per_connection: u32,
+    /// Deadline, in seconds, of a request that sends no grpc-timeout.
+    #[arg(long, env = "CASCADE_REQUEST_TIMEOUT_SECS", default_value_t = Connections::default().request_timeout.as_secs_f64())]
+    request_timeout_secs: f64,
     /// Ranking rows packed into one forward at most.
     #[arg(long, env = "CASCADE_BATCH_MAX_ROWS", default_value_t = BatchConfig::default().max_rows)]
     batch_max_rows: usize,
@@ -838,6 +854,11 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         )?)
         .filter(|d| !d.is_zero()),
         drain_timeout: secs("--drain-timeout-secs", a.drain_timeout_secs)?,
+        handshake_timeout: secs("--handshake-timeout-secs", a.handshake_timeout_secs)?,
+        idle_timeout: secs("--idle-timeout-secs", a.idle_timeout_secs)?,
+        max_connections: a.max_connections.max(1),
+        max_streams: a.max_streams_per_connection.max(1),
+        request_timeout: secs("--request-timeout-secs", a.request_timeout_secs)?,
         ..Connections::default()
     };
     let metrics_addr = match a.metrics_addr.as_str() {

@@ -45,6 +45,8 @@ pub struct ServerMetrics {
     /// isolates them. Brought up to date from
     /// [`cascade_proto::codec::decode_failures`] at each scrape.
     pub decode_failures: IntCounter,
+    pub connections_open: IntGauge,
+    pub connections_closed: IntCounterVec,
 }
 
 impl ServerMetrics {
@@ -126,7 +128,18 @@ impl ServerMetrics {
             )?,
             decode_failures: IntCounter::new(
                 "cascade_grpc_decode_failures_total",
-                "Requests refused INVALID_ARGUMENT because their message did not decode (not in grpc_server_*).",
+                "Requests refused INVALID_ARGUMENT because their message did not decode (also in grpc_server_handled_total).",
+            )?,
+            connections_open: IntGauge::new(
+                "cascade_connections_open",
+                "Connections open on the gRPC port.",
+            )?,
+            connections_closed: IntCounterVec::new(
+                Opts::new(
+                    "cascade_connections_closed_total",
+                    "Connections on the gRPC port that ended, by reason (peer, error, handshake_timeout, idle_timeout, max_age, drain, drain_timeout, limit).",
+                ),
+                &["reason"],
             )?,
         };
         registry.register(Box::new(m.started.clone()))?;
@@ -142,6 +155,8 @@ impl ServerMetrics {
         registry.register(Box::new(m.reloads.clone()))?;
         registry.register(Box::new(m.build_info.clone()))?;
         registry.register(Box::new(m.decode_failures.clone()))?;
+        registry.register(Box::new(m.connections_open.clone()))?;
+        registry.register(Box::new(m.connections_closed.clone()))?;
         m.build_info
             .with_label_values(&[
                 env!("CARGO_PKG_VERSION"),

@@ -214,16 +214,32 @@ fn rpc_name(path: &str) -> &'static str {
     RPCS.into_iter().find(|r| *r == method).unwrap_or("unknown")
 }
 
-/// Observe every call of the wrapped gRPC service (see the module docs).
+/// Observe every call of the wrapped gRPC service (see the module docs),
+/// and answer DEADLINE_EXCEEDED when its deadline passes, whether or not
+/// its body has arrived and its handler started.
 #[derive(Clone)]
-pub struct ObserveLayer(pub Telemetry);
+pub struct ObserveLayer {
+    tel: Telemetry,
+    /// The deadline of a request that sends no `grpc-timeout`.
+    default_deadline: Duration,
+}
+
+impl ObserveLayer {
+    pub fn new(tel: Telemetry, default_deadline: Duration) -> Self {
+        Self {
+            tel,
+            default_deadline,
+        }
+    }
+}
 
 impl<S> tower::Layer<S> for ObserveLayer {
     type Service = Observed<S>;
     fn layer(&self, inner: S) -> Observed<S> {
         Observed {
             inner,
-            tel: self.0.clone(),
+            tel: self.tel.clone(),
+            default_deadline: self.default_deadline,
         }
     }
 }
@@ -232,6 +248,7 @@ impl<S> tower::Layer<S> for ObserveLayer {
 pub struct Observed<S> {
     inner: S,
     tel: Telemetry,
+    default_deadline: Duration,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Observed<S>
@@ -255,11 +272,20 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let scope = self.tel.begin(rpc_name(req.uri().path()), req.headers());
         req.extensions_mut().insert(TraceCx(scope.cx.clone()));
+        // A malformed header gets no timer of its own here: the handler
+        // refuses it at once, and the default bound still applies.
+        let deadline =
+            crate::deadline::header_deadline(req.headers()).unwrap_or(self.default_deadline);
         let fut = self.inner.call(req);
         Box::pin(async move {
             // Dropped before this resolves (the caller went away), the
-            // scope records CANCELLED.
-            let mut resp = fut.await?;
+            // scope records CANCELLED. The handler answers its own expired
+            // deadline; this timer answers for a request whose body never
+            // came (so its handler never started).
+            let mut resp = match tokio::time::timeout(deadline, fut).await {
+                Ok(resp) => resp?,
+                Err(_) => crate::deadline::deadline_exceeded().into_http(),
+            };
             scope.finish(&mut resp);
             Ok(resp)
         })

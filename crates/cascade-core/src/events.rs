@@ -16,8 +16,15 @@
 //! reads the snapshot, then replays the current log. The state is a set per
 //! user, so replaying an event the snapshot already holds changes nothing:
 //! a crash between the snapshot and the rotation loses nothing.
+//!
+//! In memory, item IDs are interned once and each user's items are 4-byte
+//! indices, deduplicated by set: about 16 bytes per distinct (user, item)
+//! pair where strings per user took about 64 (measured in
+//! `tests/event_log_startup.rs`; docs/reliability.md). Nothing is evicted,
+//! because a forgotten event would let an already-seen item be served
+//! again; the memory bound is the number of distinct pairs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
@@ -39,21 +46,221 @@ pub struct Event {
 /// Item IDs per user in arrival order (deduplicated), plus the durable log.
 #[derive(Default)]
 pub struct EventStore {
-    by_user: RwLock<Users>,
+    by_user: RwLock<State>,
     log: Option<(PathBuf, Mutex<LogFile>)>,
 }
 
 /// Log size past which an append compacts (see the module docs).
 pub const DEFAULT_COMPACT_BYTES: u64 = 64 << 20;
 
-/// The per-user state at compaction time: written from a borrowed map
-/// (`Snapshot<&HashMap<…>>`, no copy of the state), read into an owned one.
-#[derive(Serialize, Deserialize)]
-struct Snapshot<M> {
-    users: M,
+/// The per-user state (see the module docs).
+#[derive(Default)]
+struct State {
+    items: Interned,
+    users: HashMap<Box<str>, UserItems, Hasher>,
 }
 
-type Users = HashMap<String, Vec<String>>;
+/// Item IDs, each stored once, named by a `u32`.
+#[derive(Default)]
+struct Interned {
+    ids: Vec<Box<str>>,
+    index: HashMap<Box<str>, u32, Hasher>,
+}
+
+/// A fast hasher, seeded per process (IDs come from clients): the state is
+/// rebuilt from millions of events at start-up.
+type Hasher = foldhash::fast::RandomState;
+
+impl Interned {
+    /// `None` once 2^32 IDs are held.
+    fn get_or_insert(&mut self, id: &str) -> Option<u32> {
+        if let Some(&i) = self.index.get(id) {
+            return Some(i);
+        }
+        let i = u32::try_from(self.ids.len()).ok()?;
+        self.ids.push(id.into());
+        self.index.insert(id.into(), i);
+        Some(i)
+    }
+}
+
+/// A user's items in arrival order; past [`SET_FROM`] items a set answers
+/// "seen already?" instead of a scan.
+#[derive(Default)]
+struct UserItems {
+    order: Vec<u32>,
+    // Boxed: most users never need a set, and `None` then costs 8 bytes
+    // where an unboxed one would cost 48.
+    #[allow(clippy::box_collection)]
+    set: Option<Box<HashSet<u32, Hasher>>>,
+}
+
+const SET_FROM: usize = 32;
+
+impl UserItems {
+    fn insert(&mut self, item: u32) {
+        if self.set.is_none() && self.order.len() >= SET_FROM {
+            self.set = Some(Box::new(self.order.iter().copied().collect()));
+        }
+        let new = match &mut self.set {
+            Some(set) => set.insert(item),
+            None => !self.order.contains(&item),
+        };
+        if new {
+            self.order.push(item);
+        }
+    }
+}
+
+impl State {
+    /// Room for `n` more distinct item IDs (indices are `u32`).
+    fn has_room(&self, n: usize) -> bool {
+        self.items.ids.len().saturating_add(n) <= u32::MAX as usize
+    }
+
+    /// Callers check [`has_room`](Self::has_room) first; an item past it
+    /// is not remembered.
+    fn remember(&mut self, user_id: &str, item_id: &str) {
+        let Some(item) = self.items.get_or_insert(item_id) else {
+            return;
+        };
+        match self.users.get_mut(user_id) {
+            Some(u) => u.insert(item),
+            None => {
+                let mut u = UserItems::default();
+                u.insert(item);
+                self.users.insert(user_id.into(), u);
+            }
+        }
+    }
+
+    fn items(&self, user_id: &str) -> Vec<String> {
+        self.users.get(user_id).map_or_else(Vec::new, |u| {
+            u.order
+                .iter()
+                .map(|&i| self.items.ids[i as usize].to_string())
+                .collect()
+        })
+    }
+}
+
+/// The state as the snapshot's `{"users": {user: [item, …]}}`, written
+/// from the interned form and read into it, without a map of strings in
+/// between.
+impl Serialize for State {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Items<'a>(&'a State, &'a UserItems);
+        impl Serialize for Items<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.1.order.iter().map(|&i| &*self.0.items.ids[i as usize]))
+            }
+        }
+        struct ByUser<'a>(&'a State);
+        impl Serialize for ByUser<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_map(
+                    self.0
+                        .users
+                        .iter()
+                        .map(|(u, items)| (u, Items(self.0, items))),
+                )
+            }
+        }
+        let mut st = s.serialize_struct("Snapshot", 1)?;
+        st.serialize_field("users", &ByUser(self))?;
+        st.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for State {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+        use std::fmt;
+        struct Top;
+        impl<'de> Visitor<'de> for Top {
+            type Value = State;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an event snapshot object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<State, A::Error> {
+                let mut state = State::default();
+                while let Some(key) = m.next_key::<String>()? {
+                    if key == "users" {
+                        m.next_value_seed(ByUser(&mut state))?;
+                    } else {
+                        m.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(state)
+            }
+        }
+        struct ByUser<'a>(&'a mut State);
+        impl<'de> DeserializeSeed<'de> for ByUser<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_map(self)
+            }
+        }
+        impl<'de> Visitor<'de> for ByUser<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of user IDs to item ID lists")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+                while let Some(user) = m.next_key::<String>()? {
+                    let State { items, users } = &mut *self.0;
+                    let u = users.entry(user.into_boxed_str()).or_default();
+                    m.next_value_seed(Items(items, u))?;
+                }
+                Ok(())
+            }
+        }
+        /// One user's list, interned as it is read (no string per item).
+        struct Items<'a>(&'a mut Interned, &'a mut UserItems);
+        impl<'de> DeserializeSeed<'de> for Items<'_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_seq(self)
+            }
+        }
+        impl<'de> Visitor<'de> for Items<'_> {
+            type Value = ();
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of item IDs")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+                while let Some(i) = s.next_element_seed(Item(self.0))? {
+                    let i = i.ok_or_else(|| serde::de::Error::custom("more than 2^32 item IDs"))?;
+                    // Written deduplicated: no check (the set is built on
+                    // the user's next event).
+                    self.1.order.push(i);
+                }
+                Ok(())
+            }
+        }
+        struct Item<'a>(&'a mut Interned);
+        impl<'de> DeserializeSeed<'de> for Item<'_> {
+            type Value = Option<u32>;
+            fn deserialize<D: serde::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> Result<Option<u32>, D::Error> {
+                d.deserialize_str(self)
+            }
+        }
+        impl<'de> Visitor<'de> for Item<'_> {
+            type Value = Option<u32>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an item ID")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<u32>, E> {
+                Ok(self.0.get_or_insert(v))
+            }
+        }
+        d.deserialize_map(Top)
+    }
+}
 
 /// The log opened for appending, created if missing.
 fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
@@ -138,13 +345,13 @@ impl EventStore {
         let snap = beside(path, ".snapshot");
         match std::fs::read(&snap) {
             Ok(bytes) => {
-                let s: Snapshot<Users> =
+                let state: State =
                     serde_json::from_slice(&bytes).map_err(|e| EngineError::EventLog {
                         path: snap.clone(),
                         msg: format!("unreadable snapshot: {e}"),
                     })?;
-                tracing::info!("{}: {} users restored", snap.display(), s.users.len());
-                *store.by_user.write().unwrap_or_else(|p| p.into_inner()) = s.users;
+                tracing::info!("{}: {} users restored", snap.display(), state.users.len());
+                *store.by_user.write().unwrap_or_else(|p| p.into_inner()) = state;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -162,13 +369,16 @@ impl EventStore {
         };
         // Everything after the last newline was never acknowledged.
         let good_len = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-        for (n, line) in bytes[..good_len].split(|&b| b == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+        {
+            let mut state = store.by_user.write().unwrap_or_else(|p| p.into_inner());
+            for (n, line) in bytes[..good_len].split(|&b| b == b'\n').enumerate() {
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let ev = parse_line(line).map_err(|e| err(format!("line {}: {e}", n + 1)))?;
+                state.remember(&ev.user_id, &ev.item_id);
+                replayed += 1;
             }
-            let ev = parse_line(line).map_err(|e| err(format!("line {}: {e}", n + 1)))?;
-            store.remember(&ev.user_id, &ev.item_id);
-            replayed += 1;
         }
         let file = open_append(path).map_err(|e| err(e.to_string()))?;
         if good_len < bytes.len() {
@@ -196,21 +406,20 @@ impl EventStore {
         ))
     }
 
-    fn remember(&self, user_id: &str, item_id: &str) {
-        let mut m = self.by_user.write().unwrap_or_else(|p| p.into_inner());
-        let v = m.entry(user_id.to_string()).or_default();
-        if !v.iter().any(|i| i == item_id) {
-            v.push(item_id.to_string());
-        }
-    }
-
     /// Append already-validated events to the log (flushed to disk before
     /// returning), then make them visible. If the write fails, the log is
     /// cut back to what it held before and nothing becomes visible.
     pub fn append(&self, events: &[Event]) -> Result<(), EngineError> {
+        if !read(&self.by_user).has_room(events.len()) {
+            return Err(EngineError::EventLog {
+                path: self.log.as_ref().map(|l| l.0.clone()).unwrap_or_default(),
+                msg: "the event store holds 2^32 distinct item IDs; no more fit".into(),
+            });
+        }
         let remember_all = || {
+            let mut state = self.by_user.write().unwrap_or_else(|p| p.into_inner());
             for ev in events {
-                self.remember(&ev.user_id, &ev.item_id);
+                state.remember(&ev.user_id, &ev.item_id);
             }
         };
         let Some((path, log)) = &self.log else {
@@ -276,13 +485,11 @@ impl EventStore {
         let t0 = std::time::Instant::now();
         let snap = beside(path, ".snapshot");
         let tmp = beside(path, ".snapshot.tmp");
-        let bytes = serde_json::to_vec(&Snapshot {
-            users: &*read(&self.by_user),
-        })
-        .map_err(|e| EngineError::EventLog {
-            path: snap.clone(),
-            msg: e.to_string(),
-        })?;
+        let bytes =
+            serde_json::to_vec(&*read(&self.by_user)).map_err(|e| EngineError::EventLog {
+                path: snap.clone(),
+                msg: e.to_string(),
+            })?;
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -317,16 +524,16 @@ impl EventStore {
 
     /// The user's recorded item IDs, oldest first.
     pub fn items(&self, user_id: &str) -> Vec<String> {
-        read(&self.by_user)
-            .get(user_id)
-            .cloned()
-            .unwrap_or_default()
+        read(&self.by_user).items(user_id)
     }
 
     /// How many distinct items the user has recorded: a generation number
     /// that changes whenever the user's state does (cache keys use it).
     pub fn generation(&self, user_id: &str) -> usize {
-        read(&self.by_user).get(user_id).map_or(0, Vec::len)
+        read(&self.by_user)
+            .users
+            .get(user_id)
+            .map_or(0, |u| u.order.len())
     }
 }
 
@@ -348,6 +555,44 @@ mod tests {
             kind: "view".into(),
             timestamp: 1,
         }
+    }
+
+    #[test]
+    fn items_keep_arrival_order_and_repeats_are_dropped_past_the_set_threshold() {
+        let (_dir, path) = tmp_log();
+        let (store, _) = EventStore::open_with(&path, u64::MAX).unwrap();
+        // 100 distinct items, each recorded three times in a shuffled
+        // order: the first arrival of each counts, once.
+        let order: Vec<usize> = (0..300).map(|n| (n * 37) % 100).collect();
+        for chunk in order.chunks(7) {
+            let evs: Vec<Event> = chunk
+                .iter()
+                .map(|i| ev("heavy", &format!("i{i}")))
+                .collect();
+            store.append(&evs).unwrap();
+        }
+        store
+            .append(&[ev("light", "i5"), ev("light", "i5")])
+            .unwrap();
+        let mut want: Vec<String> = Vec::new();
+        for i in &order {
+            let id = format!("i{i}");
+            if !want.contains(&id) {
+                want.push(id);
+            }
+        }
+        assert_eq!(want.len(), 100);
+        assert_eq!(store.items("heavy"), want);
+        assert_eq!(store.generation("heavy"), 100);
+        assert_eq!(store.items("light"), ["i5"]);
+        assert!(store.items("nobody").is_empty());
+        // The snapshot round-trips the same state.
+        store.compact().unwrap();
+        drop(store);
+        let (store, replayed) = EventStore::open(&path).unwrap();
+        assert_eq!(replayed, 0);
+        assert_eq!(store.items("heavy"), want);
+        assert_eq!(store.items("light"), ["i5"]);
     }
 
     #[test]

@@ -13,6 +13,16 @@ use std::time::Instant;
 
 use cascade_core::EventStore;
 
+/// This process's resident memory, from /proc (Linux).
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -43,9 +53,14 @@ fn start_up_time_of_a_large_event_log() {
         }
     }
     let log_bytes = std::fs::metadata(&path).unwrap().len();
+    let rss0 = rss_mib();
     let t0 = Instant::now();
     let (store, replayed) = EventStore::open_with(&path, u64::MAX).unwrap();
     let replay_s = t0.elapsed().as_secs_f64();
+    let state_mib = rss_mib() - rss0;
+    let pairs: usize = (0..users)
+        .map(|u| store.items(&format!("user-{u}")).len())
+        .sum();
     assert_eq!(replayed, events);
     let t1 = Instant::now();
     store.compact().unwrap();
@@ -60,6 +75,11 @@ fn start_up_time_of_a_large_event_log() {
     let snapshot_s = t2.elapsed().as_secs_f64();
     assert_eq!(replayed, 0);
     assert_eq!(store.items("user-7"), probe);
+    println!(
+        "{events} events, {users} users, {pairs} distinct (user, item) pairs: state {state_mib:.0} MiB \
+         ({:.1} bytes per pair)",
+        state_mib * (1 << 20) as f64 / pairs as f64
+    );
     println!(
         "{events} events, {users} users: replaying the {:.0} MiB log {replay_s:.2} s; \
          compaction {compact_s:.2} s; start-up from the {:.0} MiB snapshot {snapshot_s:.2} s",

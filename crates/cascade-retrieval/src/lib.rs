@@ -12,6 +12,8 @@
 use std::path::Path;
 
 use hnsw_rs::api::AnnT;
+
+mod dump;
 use hnsw_rs::prelude::{Distance, Hnsw, HnswIo};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -330,6 +332,9 @@ impl ItemIndex {
         // hnsw_rs ties the loaded graph's lifetime to its reloader. The reloader is
         // a few paths and options (data is copied, not memory-mapped), so it is
         // leaked once per load to give the index a 'static lifetime.
+        // hnsw_rs can abort or exit on a corrupt file: walk it first.
+        dump::check(dir, INDEX_BASENAME)
+            .map_err(|e| IndexError::Hnsw(format!("{}: {e}", dir.display())))?;
         let io: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir, INDEX_BASENAME)));
         let mut hnsw: Hnsw<'static, f32, ClampedDot> = io
             .load_hnsw()

@@ -166,22 +166,38 @@ fn load_warm(
     let load = || {
         let engine = Engine::load_with(dir, device, cfg, events)?;
         engine.warm()?;
-        Ok(engine)
+        Ok::<_, EngineError>(engine)
     };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        tracing::error!("loading {} panicked: {what}", dir.display());
-        Err(EngineError::Internal(format!(
-            "version {} could not be loaded: its files are inconsistent (details in the server log)",
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        )))
-    })
+    let version = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let unservable = |msg: String| EngineError::Unservable {
+        version: version.clone(),
+        msg,
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
+        Ok(Ok(engine)) => Ok(engine),
+        Ok(Err(e)) => {
+            tracing::error!("loading {}: {e}", dir.display());
+            // Named relative to the version: no server path reaches the caller.
+            let msg = e.to_string().replace(&format!("{}/", dir.display()), "");
+            Err(unservable(
+                msg.replace(&dir.display().to_string(), &version),
+            ))
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!("loading {} panicked: {what}", dir.display());
+            Err(unservable(
+                "its files are inconsistent (details in the server log)".into(),
+            ))
+        }
+    }
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -198,9 +214,9 @@ fn resolve(root: &Path, version: Option<&str>) -> Result<PathBuf, EngineError> {
         let bad = v.contains('/') || v.contains('\\') || v == "." || v == "..";
         let dir = root.join(v);
         if bad || !dir.join(cascade_artifact::manifest::MANIFEST).exists() {
+            // The root's path is the server's business, not the caller's.
             return Err(EngineError::NotFound(format!(
-                "no model version {v:?} under {}",
-                root.display()
+                "no model version {v:?} under the artifact root"
             )));
         }
         return Ok(dir);
@@ -209,6 +225,7 @@ fn resolve(root: &Path, version: Option<&str>) -> Result<PathBuf, EngineError> {
         return Ok(root.to_path_buf());
     }
     cascade_artifact::manifest::latest_version(root).map_err(|e| {
-        EngineError::NotFound(format!("no model version under {}: {e}", root.display()))
+        tracing::warn!("no model version under {}: {e}", root.display());
+        EngineError::NotFound("no model version under the artifact root".into())
     })
 }

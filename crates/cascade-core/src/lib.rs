@@ -60,6 +60,10 @@ pub enum EngineError {
     /// A named model version does not exist under the artifact root.
     #[error("not found: {0}")]
     NotFound(String),
+    /// A model version exists but cannot be served (corrupt, incomplete or
+    /// from another format); `msg` names files relative to the version.
+    #[error("version {version} cannot be served: {msg}")]
+    Unservable { version: String, msg: String },
     #[error("loading artifact: {0}")]
     Load(#[from] cascade_artifact::ArtifactError),
     #[error("loading artifact: {0}")]

@@ -529,38 +529,19 @@ fn reload_names_only_versions_under_the_root() {
     assert!(!r.swapped);
     assert_eq!(r.model_version, version);
     for bad in ["no-such-version", "..", "../etc", "a/b"] {
-        assert!(
-            matches!(h.reload(Some(bad)), Err(EngineError::NotFound(_))),
-            "{bad}"
-        );
+        match h.reload(Some(bad)) {
+            Err(EngineError::NotFound(m)) => {
+                assert!(!m.contains(&root.path().display().to_string()), "{m}")
+            }
+            other => panic!("{bad}: {:?}", other.map(|r| r.model_version)),
+        }
     }
     assert_eq!(h.current().model_version(), version);
 }
 
-/// Copy version `src` to `root/name` with `corrupt` applied to its HNSW
-/// graph file, then re-seal the manifest: the checksums match, as they do
-/// for a bad build or a bad copy that was sealed afterwards.
-fn corrupt_copy(
-    src: &std::path::Path,
-    root: &std::path::Path,
-    name: &str,
-    corrupt: impl Fn(&mut Vec<u8>),
-) -> std::path::PathBuf {
-    let dst = root.join(name);
-    std::fs::create_dir_all(&dst).unwrap();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
-    }
-    let graph = dst.join(format!("{}.hnsw.graph", cascade_retrieval::INDEX_BASENAME));
-    let mut bytes = std::fs::read(&graph).unwrap();
-    corrupt(&mut bytes);
-    std::fs::write(&graph, bytes).unwrap();
-    let text = std::fs::read_to_string(dst.join("manifest.json")).unwrap();
-    let m: cascade_artifact::manifest::Manifest = serde_json::from_str(&text).unwrap();
-    m.seal(&dst).unwrap();
-    dst
-}
+#[path = "support/corrupt.rs"]
+mod corrupt;
+use corrupt::corrupt_copy;
 
 #[test]
 fn a_corrupt_version_is_an_error_and_the_watcher_keeps_polling() {
@@ -592,7 +573,16 @@ fn a_corrupt_version_is_an_error_and_the_watcher_keeps_polling() {
         let name = format!("99999999999{i}-bad");
         corrupt_copy(&good, root.path(), &name, corrupt);
         match h.reload(Some(&name)) {
-            Err(e) => assert!(!e.to_string().contains("panicked"), "{what}: {e}"),
+            // Refused as unservable, naming the file inside the version and
+            // no server path.
+            Err(EngineError::Unservable { version: v, msg }) => {
+                assert_eq!(v, name, "{what}");
+                assert!(msg.contains("items.hnsw.graph"), "{what}: {msg}");
+                assert!(!msg.contains("panicked"), "{what}: {msg}");
+                let root_path = root.path().display().to_string();
+                assert!(!msg.contains(&root_path), "{what}: {msg}");
+            }
+            Err(e) => panic!("{what}: {e:?}"),
             // A corruption hnsw_rs cannot see must still serve.
             Ok(_) => {
                 h.current().predict(&req("u1", 5)).unwrap();

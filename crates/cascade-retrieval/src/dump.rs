@@ -27,26 +27,40 @@ const MAX_LAYERS: u8 = 16;
 const FULL_DUMP: u8 = 1;
 const WORD: u64 = std::mem::size_of::<usize>() as u64;
 
-struct Reader {
-    inner: BufReader<File>,
-    path: PathBuf,
+struct Reader<R> {
+    inner: R,
+    /// The file's name, for errors.
+    name: String,
     pos: u64,
     len: u64,
 }
 
-impl Reader {
-    fn open(path: PathBuf) -> Result<Self, String> {
-        let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let len = file
-            .metadata()
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .len();
-        Ok(Self {
-            inner: BufReader::with_capacity(1 << 20, file),
-            path,
+fn open(path: PathBuf) -> Result<Reader<BufReader<File>>, String> {
+    let file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    let name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    Ok(Reader::new(
+        BufReader::with_capacity(1 << 20, file),
+        name,
+        len,
+    ))
+}
+
+impl<R: Read> Reader<R> {
+    fn new(inner: R, name: String, len: u64) -> Self {
+        Self {
+            inner,
+            name,
             pos: 0,
             len,
-        })
+        }
     }
 
     fn left(&self) -> u64 {
@@ -54,8 +68,7 @@ impl Reader {
     }
 
     fn bad(&self, msg: impl std::fmt::Display) -> String {
-        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
-        format!("{name} at byte {}: {msg}", self.pos)
+        format!("{} at byte {}: {msg}", self.name, self.pos)
     }
 
     fn take<const N: usize>(&mut self, what: &str) -> Result<[u8; N], String> {
@@ -111,16 +124,15 @@ impl Reader {
         Ok(n)
     }
 
-    fn skip(&mut self, n: u64, what: &str) -> Result<(), String> {
-        if n > self.left() {
+    /// `buf.len()` bytes into `buf`.
+    fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<(), String> {
+        if buf.len() as u64 > self.left() {
             return Err(self.bad(format!("the file ends inside the {what}")));
         }
-        let copied = std::io::copy(&mut (&mut self.inner).take(n), &mut std::io::sink())
+        self.inner
+            .read_exact(buf)
             .map_err(|e| self.bad(format!("reading the {what}: {e}")))?;
-        if copied != n {
-            return Err(self.bad(format!("the file ends inside the {what}")));
-        }
-        self.pos += n;
+        self.pos += buf.len() as u64;
         Ok(())
     }
 
@@ -130,10 +142,7 @@ impl Reader {
             return Err(self.bad(format!("{what} length {n}")));
         }
         let mut b = vec![0u8; n as usize];
-        self.inner
-            .read_exact(&mut b)
-            .map_err(|e| self.bad(format!("reading the {what}: {e}")))?;
-        self.pos += n;
+        self.fill(&mut b, what)?;
         String::from_utf8(b).map_err(|_| self.bad(format!("the {what} is not UTF-8")))
     }
 
@@ -148,7 +157,21 @@ impl Reader {
 /// Check `dir/<basename>.hnsw.{graph,data}` as hnsw_rs will read them; an
 /// error names the file, the byte and what is wrong.
 pub(crate) fn check(dir: &Path, basename: &str) -> Result<(), String> {
-    let mut g = Reader::open(dir.join(format!("{basename}.hnsw.graph")))?;
+    let g = open(dir.join(format!("{basename}.hnsw.graph")))?;
+    let d = open(dir.join(format!("{basename}.hnsw.data")))?;
+    walk(g, d)
+}
+
+/// [`check`] on the two files' bytes (for the fuzz target in `tests/fuzz`).
+#[doc(hidden)]
+pub fn check_bytes(graph: &[u8], data: &[u8]) -> Result<(), String> {
+    walk(
+        Reader::new(graph, "graph".into(), graph.len() as u64),
+        Reader::new(data, "data".into(), data.len() as u64),
+    )
+}
+
+fn walk(mut g: Reader<impl Read>, mut d: Reader<impl Read>) -> Result<(), String> {
     let v4 = match g.u32("description magic")? {
         MAGIC_DESCR_4 => true,
         MAGIC_DESCR_3 => false,
@@ -217,7 +240,11 @@ pub(crate) fn check(dir: &Path, basename: &str) -> Result<(), String> {
                     }
                     let h = &mut highest[usize::from(nl)];
                     *h = (*h).max(i64::from(nr));
-                    g.take::<4>("neighbour distance")?;
+                    // hnsw_rs sorts neighbours by distance and panics on a NaN.
+                    let dist = f32::from_ne_bytes(g.take("neighbour distance")?);
+                    if dist.is_nan() {
+                        return Err(g.bad("a neighbour distance is NaN"));
+                    }
                 }
             }
         }
@@ -242,7 +269,6 @@ pub(crate) fn check(dir: &Path, basename: &str) -> Result<(), String> {
     }
     g.end()?;
 
-    let mut d = Reader::open(dir.join(format!("{basename}.hnsw.data")))?;
     d.magic(MAGIC_DATA, "data magic")?;
     let data_dim = d.word("data dimension")?;
     if data_dim != dim {
@@ -251,6 +277,11 @@ pub(crate) fn check(dir: &Path, basename: &str) -> Result<(), String> {
     let vector_bytes = dim
         .checked_mul(4)
         .ok_or_else(|| d.bad(format!("dimension {dim}")))?;
+    // At most 4 × dimension bytes, and the data file holds that much.
+    if vector_bytes > d.left() {
+        return Err(d.bad(format!("dimension {dim} does not fit in the file")));
+    }
+    let mut vector = vec![0u8; vector_bytes as usize];
     for &id in &ids {
         d.magic(MAGIC_DATA, "record magic")?;
         let got = d.u64("record ID")?;
@@ -263,7 +294,13 @@ pub(crate) fn check(dir: &Path, basename: &str) -> Result<(), String> {
                 "record length {len}, expected {vector_bytes} ({dim} f32)"
             )));
         }
-        d.skip(len, "vector")?;
+        d.fill(&mut vector, "vector")?;
+        if vector
+            .chunks_exact(4)
+            .any(|c| !f32::from_ne_bytes([c[0], c[1], c[2], c[3]]).is_finite())
+        {
+            return Err(d.bad(format!("the vector of point {id} is not finite")));
+        }
     }
     d.end()
 }
@@ -305,6 +342,17 @@ mod tests {
         let dist_len = word(names);
         let type_at = names + 8 + dist_len;
         type_at + 8 + word(type_at) + 1 + 4
+    }
+
+    /// The fuzz target's seed (`scripts/fuzz.sh`): a real 60-item dump as
+    /// the graph's length (u32, little-endian), the graph, the data.
+    #[test]
+    #[ignore = "writes the fuzz seed to $CASCADE_FUZZ_SEED"]
+    fn write_fuzz_seed() {
+        let out = std::env::var("CASCADE_FUZZ_SEED").expect("CASCADE_FUZZ_SEED");
+        let (_dir, graph, data) = saved(60);
+        let len = u32::try_from(graph.len()).unwrap().to_le_bytes();
+        std::fs::write(out, [&len[..], &graph, &data].concat()).unwrap();
     }
 
     #[test]
@@ -354,14 +402,14 @@ mod tests {
     }
 
     #[test]
-    fn any_changed_byte_is_refused_or_loads_never_aborts() {
+    fn any_changed_byte_is_refused_or_loads_without_a_panic() {
         let (dir, graph, data) = saved(60);
-        // Every byte of the graph's first 400 and a spread of the rest, and
-        // of the data file, set to 0xff: hnsw_rs may still panic on what the
-        // walk cannot see (the engine's loader catches that), but it never
-        // gets a size or length that could abort or exit.
+        // Each of the first 400 bytes of both files and every 97th after,
+        // set to 0xff: the walk refuses the change, or hnsw_rs loads the
+        // files without a panic (let alone an abort or an exit).
         let mut loaded = 0;
         let mut refused = 0;
+        let mut panicked = Vec::new();
         let picks = |len: usize| (0..len.min(400)).chain((400..len).step_by(97));
         for (which, len) in [(0, graph.len()), (1, data.len())] {
             for at in picks(len) {
@@ -377,10 +425,15 @@ mod tests {
                 });
                 match r {
                     Ok(Ok(_)) => loaded += 1,
-                    Ok(Err(_)) | Err(_) => refused += 1,
+                    Ok(Err(_)) => refused += 1,
+                    Err(_) => panicked.push((which, at)),
                 }
             }
         }
         assert!(refused > 100, "refused {refused}, loaded {loaded}");
+        assert!(
+            panicked.is_empty(),
+            "hnsw_rs panicked after the walk passed: {panicked:?}"
+        );
     }
 }

@@ -14,6 +14,7 @@ use std::path::Path;
 use hnsw_rs::api::AnnT;
 
 mod dump;
+pub use dump::check_bytes as check_dump_bytes;
 use hnsw_rs::prelude::{Distance, Hnsw, HnswIo};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};

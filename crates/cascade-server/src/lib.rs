@@ -120,6 +120,7 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::DeadlineExceeded => deadline::deadline_exceeded(),
         EngineError::Cancelled => Status::cancelled("the caller went away"),
         EngineError::NotFound(m) => Status::not_found(m),
+        e @ EngineError::Unservable { .. } => Status::failed_precondition(e.to_string()),
         other => Status::internal(other.to_string()),
     }
 }
@@ -143,6 +144,13 @@ mod tests {
             (EngineError::DeadlineExceeded, Code::DeadlineExceeded),
             (EngineError::Cancelled, Code::Cancelled),
             (EngineError::NotFound("v".into()), Code::NotFound),
+            (
+                EngineError::Unservable {
+                    version: "v1".into(),
+                    msg: "m".into(),
+                },
+                Code::FailedPrecondition,
+            ),
             (EngineError::Internal("p".into()), Code::Internal),
         ];
         for (e, code) in cases {

@@ -515,3 +515,42 @@ async fn an_old_connection_gets_a_goaway_and_its_client_reconnects() {
     drop(client);
     server.shut().await;
 }
+
+#[path = "../../cascade-core/tests/support/corrupt.rs"]
+mod corrupt;
+use corrupt::corrupt_copy;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_version_is_failed_precondition_naming_its_file_not_a_path() {
+    use cascade_proto::pb::ReloadModelRequest;
+    let root = tempfile::tempdir().unwrap();
+    let good = corrupt_copy(shared_artifact(), root.path(), "000000000001-good", |_| {});
+    corrupt_copy(shared_artifact(), root.path(), "000000000002-bad", |b| {
+        b.truncate(b.len() / 2)
+    });
+    let server = start(Backend::Local(handle(&good)), Role::All, Admission::new(8)).await;
+    let mut client = server.client().await;
+    let root_path = root.path().display().to_string();
+    let e = client
+        .reload_model(ReloadModelRequest {
+            version: "000000000002-bad".into(),
+        })
+        .await
+        .expect_err("a corrupt version");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("000000000002-bad"), "{}", e.message());
+    assert!(e.message().contains("items.hnsw.graph"), "{}", e.message());
+    assert!(!e.message().contains(&root_path), "{}", e.message());
+    let e = client
+        .reload_model(ReloadModelRequest {
+            version: "nope".into(),
+        })
+        .await
+        .expect_err("an unknown version");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(!e.message().contains(&root_path), "{}", e.message());
+    // The good version goes on serving.
+    assert_eq!(served(&mut client, "u1", 2).await, 2);
+    drop(client);
+    server.shut().await;
+}

@@ -110,7 +110,10 @@ impl std::str::FromStr for Role {
     }
 }
 
-/// The one mapping from engine errors to gRPC status codes.
+/// The one mapping from engine errors to gRPC status codes. Every variant
+/// is named (no wildcard), so a new one must choose its code. Faults on the
+/// server's side go to the log in full; the caller gets a message without
+/// paths or library text.
 pub fn to_status(e: EngineError) -> Status {
     match e {
         EngineError::InvalidArgument { field, msg } => {
@@ -121,7 +124,18 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::Cancelled => Status::cancelled("the caller went away"),
         EngineError::NotFound(m) => Status::not_found(m),
         e @ EngineError::Unservable { .. } => Status::failed_precondition(e.to_string()),
-        other => Status::internal(other.to_string()),
+        e @ EngineError::EventLog { .. } => {
+            // Nothing was acknowledged: the caller may retry.
+            tracing::error!("{e}");
+            Status::unavailable("the events could not be stored (details in the server log)")
+        }
+        e @ (EngineError::Internal(_)
+        | EngineError::Load(_)
+        | EngineError::Data(_)
+        | EngineError::Candle(_)) => {
+            tracing::error!("{e}");
+            Status::internal("internal error while serving the request (details in the server log)")
+        }
     }
 }
 
@@ -152,9 +166,31 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (EngineError::Internal("p".into()), Code::Internal),
+            (
+                EngineError::EventLog {
+                    path: "/p".into(),
+                    msg: "No space left on device".into(),
+                },
+                Code::Unavailable,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(to_status(e).code(), code);
+        }
+        // Server faults reach the caller without paths or library text.
+        for e in [
+            EngineError::Internal("reading /srv/secret/ranker.safetensors".into()),
+            EngineError::EventLog {
+                path: "/srv/secret/events.log".into(),
+                msg: "No space left on device (os error 28)".into(),
+            },
+            EngineError::Candle(candle_core::Error::Msg(
+                "/srv/secret: shape mismatch".into(),
+            )),
+        ] {
+            let s = to_status(e);
+            assert!(!s.message().contains("/srv/secret"), "{}", s.message());
+            assert!(!s.message().contains("os error"), "{}", s.message());
         }
     }
 

@@ -11,10 +11,7 @@
 //! the CPU worker slots (`workers`), and ranking jobs queue for the ranking
 //! threads, whose full queue is also `RESOURCE_EXHAUSTED`.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use tokio::sync::Semaphore;
 use tonic::Status;
@@ -58,64 +55,32 @@ impl Admission {
     }
 }
 
-impl<S> tower::Layer<S> for Admission {
-    type Service = Admitted<S>;
-    fn layer(&self, inner: S) -> Admitted<S> {
-        Admitted {
-            inner,
-            admission: self.clone(),
+impl crate::gate::Gate for Admission {
+    /// Held until the response is ready.
+    type Pass = Option<tokio::sync::OwnedSemaphorePermit>;
+
+    fn check(&self, path: &str, _headers: &http::HeaderMap) -> Result<Self::Pass, Status> {
+        if !admitted(path) {
+            return Ok(None);
         }
-    }
-}
-
-#[derive(Clone)]
-pub struct Admitted<S> {
-    inner: S,
-    admission: Admission,
-}
-
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for Admitted<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<S::Response, S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if !admitted(req.uri().path()) {
-            return Box::pin(self.inner.call(req));
-        }
-        match self.admission.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let resp = fut.await;
-                    drop(permit);
-                    resp
-                })
-            }
-            Err(_) => {
-                let refused = Status::resource_exhausted(format!(
+        self.permits
+            .clone()
+            .try_acquire_owned()
+            .map(Some)
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
                     "overloaded: {} requests already in flight",
-                    self.admission.limit
-                ));
-                Box::pin(std::future::ready(Ok(refused.into_http())))
-            }
-        }
+                    self.limit
+                ))
+            })
     }
 }
 
-impl<S: tonic::server::NamedService> tonic::server::NamedService for Admitted<S> {
-    const NAME: &'static str = S::NAME;
+impl<S> tower::Layer<S> for Admission {
+    type Service = crate::gate::Gated<S, Admission>;
+    fn layer(&self, inner: S) -> Self::Service {
+        crate::gate::Gated::new(inner, self.clone())
+    }
 }
 
 #[cfg(test)]

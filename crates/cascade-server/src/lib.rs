@@ -16,8 +16,10 @@
 //! ([`to_status`]).
 
 pub mod admission;
+pub mod auth;
 pub mod deadline;
 pub mod discovery;
+pub mod gate;
 mod gateway;
 mod listen;
 pub mod run;
@@ -26,6 +28,7 @@ pub mod service;
 pub mod telemetry;
 
 pub use admission::Admission;
+pub use auth::{ApiKeys, KeysError};
 pub use deadline::grpc_timeout;
 pub use gateway::{stage_endpoint, Gateway};
 pub use listen::MAX_HEADER_LIST_BYTES;

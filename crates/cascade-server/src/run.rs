@@ -69,6 +69,8 @@ pub struct ServeConfig {
     /// Requests doing model work at once (see [`crate::default_workers`]).
     pub workers: usize,
     pub connections: Connections,
+    /// A keys file the `cascade.v1.Cascade` RPCs then require (see [`crate::auth`]).
+    pub api_keys_file: Option<PathBuf>,
     /// Prometheus scrape address; `None` turns metrics off.
     pub metrics_addr: Option<SocketAddr>,
     pub trace: TraceConfig,
@@ -83,6 +85,18 @@ pub fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()> + Send) -> Resul
     // The gateway's lazy channels and the trace exporter spawn their tasks
     // on the runtime.
     let _in_runtime = rt.enter();
+    let api_keys = match &cfg.api_keys_file {
+        Some(p) => {
+            let keys = crate::ApiKeys::load(p)
+                .map_err(|e| ServerError::Setup(format!("--api-keys-file: {e}")))?;
+            tracing::info!(
+                "API keys from {} required on cascade.v1.Cascade",
+                p.display()
+            );
+            Some(keys)
+        }
+        None => None,
+    };
     let registry = prometheus::Registry::new();
     let (engine_metrics, server_metrics) = if cfg.metrics_addr.is_some() {
         registry.register(Box::new(
@@ -127,6 +141,7 @@ pub fn run(cfg: ServeConfig, shutdown: impl Future<Output = ()> + Send) -> Resul
         workers: cfg.workers,
         telemetry,
         connections: cfg.connections,
+        api_keys,
     };
     rt.block_on(async move {
         if let Some(addr) = cfg.metrics_addr {

@@ -28,6 +28,8 @@ pub struct ServeOptions {
     pub telemetry: Telemetry,
     /// Connection keepalive, age and drain bounds.
     pub connections: Connections,
+    /// API keys the `cascade.v1.Cascade` RPCs require (`None`: open).
+    pub api_keys: Option<crate::ApiKeys>,
 }
 
 /// What bounds a connection's life and a request's time (enforced by
@@ -116,8 +118,10 @@ pub async fn serve(
     let grpc = CascadeServer::new(svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    // Observe outermost, so refused requests are counted and traced too.
-    let service = observe.layer(admission.layer(grpc));
+    // Observe outermost, so refused requests are counted and traced too;
+    // keys before admission, so a caller without one takes no slot.
+    let service = observe
+        .layer(crate::auth::MaybeApiKeys(opts.api_keys.clone()).layer(admission.layer(grpc)));
     let c = opts.connections;
     let drain_reporter = reporter.clone();
     let shutdown = async move {

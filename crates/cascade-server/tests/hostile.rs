@@ -554,3 +554,102 @@ async fn a_corrupt_version_is_failed_precondition_naming_its_file_not_a_path() {
     drop(client);
     server.shut().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_gate_each_rpc_by_scope_and_leave_health_open() {
+    use cascade_proto::pb::{GetModelInfoRequest, ReloadModelRequest};
+    let (predict_key, predict_line) = cascade_server::ApiKeys::generate("predict", "web");
+    let (admin_key, admin_line) = cascade_server::ApiKeys::generate("predict,events,admin", "ops");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    std::fs::write(&file, format!("{predict_line}\n{admin_line}\n")).unwrap();
+    let listener = cascade_server::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let opts = cascade_server::ServeOptions {
+        role: Role::All,
+        device: "cpu".into(),
+        admission: Admission::new(8),
+        workers: 2,
+        telemetry: Default::default(),
+        connections: Default::default(),
+        api_keys: Some(cascade_server::ApiKeys::load(&file).unwrap()),
+    };
+    let task = tokio::spawn(cascade_server::serve(
+        Backend::Local(handle(shared_artifact())),
+        opts,
+        listener,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let channel = tonic::transport::Channel::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let with_key = |key: &str| {
+        let bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        }
+    };
+    use cascade_proto::pb::cascade_client::CascadeClient;
+    let mut anonymous = CascadeClient::new(channel.clone());
+    let mut web = CascadeClient::with_interceptor(channel.clone(), with_key(&predict_key));
+    let mut ops = CascadeClient::with_interceptor(channel.clone(), with_key(&admin_key));
+    let mut forged = CascadeClient::with_interceptor(channel.clone(), with_key("csk_forged"));
+
+    let e = anonymous.predict(predict_req("u1", 2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = forged
+        .get_model_info(GetModelInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    // The digest in the file is no key.
+    let digest = predict_line.split_whitespace().nth(1).unwrap().to_string();
+    let mut by_digest = CascadeClient::with_interceptor(channel.clone(), with_key(&digest));
+    let e = by_digest.predict(predict_req("u1", 2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+
+    assert_eq!(
+        web.predict(predict_req("u1", 2))
+            .await
+            .unwrap()
+            .into_inner()
+            .items
+            .len(),
+        2
+    );
+    let e = web.record_events(viewed("u1", "i3")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = web
+        .reload_model(ReloadModelRequest {
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(ops.record_events(viewed("u1", "i3")).await.is_ok());
+    assert!(ops
+        .reload_model(ReloadModelRequest {
+            version: String::new()
+        })
+        .await
+        .is_ok());
+    // Probes need no key.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let h = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: cascade_server::READINESS_SERVICE.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(h.into_inner().status, 1);
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

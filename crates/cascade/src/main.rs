@@ -114,6 +114,16 @@ enum Cmd {
         #[arg(long, env = "CASCADE_ARTIFACT")]
         artifact: PathBuf,
     },
+    /// Make an API key: prints the key (give it to the caller) and the line
+    /// for `--api-keys-file` (its SHA-256; the file never holds the key).
+    ApiKey {
+        /// Comma list of predict, events, admin.
+        #[arg(long, default_value = "predict")]
+        scopes: String,
+        /// A label for logs.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -188,6 +198,11 @@ struct ServeArgs {
         default_value_t = 1800.0
     )]
     max_connection_age_secs: f64,
+    /// File of API keys (`SCOPES SHA256 [NAME]` per line, from `cascade
+    /// api-key`); when set, cascade.v1.Cascade RPCs need `authorization:
+    /// Bearer <key>` with the RPC's scope. Health and reflection stay open.
+    #[arg(long, env = "CASCADE_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
     /// Drop a connection that has not sent the HTTP/2 preface within this many seconds.
     #[arg(long, env = "CASCADE_HANDSHAKE_TIMEOUT_SECS", default_value_t = Connections::default().handshake_timeout.as_secs_f64())]
     handshake_timeout_secs: f64,
@@ -580,6 +595,13 @@ fn main() -> Result<()> {
         Cmd::Synth(a) => synth_cmd(a),
         Cmd::Audit(a) => audit_cmd(a),
         Cmd::Verify { artifact } => verify_cmd(&artifact),
+        Cmd::ApiKey { scopes, name } => {
+            let (key, line) = cascade_server::ApiKeys::generate(&scopes, &name);
+            // Checked as the server will read it.
+            cascade_server::ApiKeys::parse_line(&line)?;
+            println!("key:  {key}\nline: {line}");
+            Ok(())
+        }
     }
 }
 
@@ -921,6 +943,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         max_in_flight: a.max_in_flight,
         workers: a.workers.unwrap_or_else(cascade_server::default_workers),
         connections,
+        api_keys_file: a.api_keys_file,
         metrics_addr,
         trace,
     };

@@ -162,6 +162,7 @@ pub fn start_with(
         workers: cascade_server::default_workers(),
         telemetry,
         connections,
+        api_keys: None,
     };
     let task = tokio::spawn(cascade_server::serve(backend, opts, listener, async {
         let _ = stop_rx.await;
